@@ -1,0 +1,145 @@
+"""The `edgeprune` command line. User mistakes exit non-zero with one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgeprune.errors import EdgePruneError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Make LLMs small and fast enough for edge devices: score, prune, quantize, export, profile.",
+)
+console = Console(stderr=True)
+out = Console()
+
+ModelArg = Annotated[str, typer.Argument(help="'default', a local HF model directory, a .gguf file or a hub id")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="also write the result as JSON to this path")]
+
+
+def _write_json(path: Path | None, data: dict) -> None:
+    if path is not None:
+        from edgeprune.io import write_json
+
+        write_json(path, data)
+        console.print(f"wrote {path}")
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+@app.command()
+def info(model: ModelArg = "default", json_path: JsonOpt = None) -> None:
+    """Architecture, parameter counts (embeddings / attention / MLP / norms) and per-layer shapes."""
+    from edgeprune.models import load
+    from edgeprune.models.info import model_info
+
+    lm = load(model)
+    data = model_info(lm)
+    p = data["params"]
+    out.print(f"[bold]{data['model']}[/] ({data['family']}, {data['model_type']}) from {data['source']}")
+    out.print(
+        f"layers {data['num_layers']}  hidden {data['hidden_size']}  heads {data['num_heads']}  "
+        f"kv heads {data['num_kv_heads']}  head_dim {data['head_dim']}  MLP {data['intermediate_size']}  "
+        f"vocab {data['vocab_size']}  {'uniform' if data['uniform'] else 'per-layer widths'}"
+    )
+    t = Table("part", "parameters", "share", title="parameters")
+    for key in ("embeddings", "lm_head", "attention", "mlp", "norms", "total"):
+        t.add_row(key, _fmt_int(p[key]), f"{100 * p[key] / p['total']:.1f}%")
+    out.print(t)
+    if not data["uniform"]:
+        lt = Table("layer", "heads", "kv", "mlp", "params", title="per-layer shapes")
+        for layer in data["layers"]:
+            lt.add_row(str(layer["index"]), str(layer["num_heads"]), str(layer["num_kv_heads"]),
+                       str(layer["intermediate_size"]), _fmt_int(layer["total"]))
+        out.print(lt)
+    out.print(f"total parameters: {p['total'] / 1e6:.1f}M")
+    _write_json(json_path, data)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelArg = "default",
+    data: Annotated[str, typer.Option(help="evaluation text: 'builtin', a file/dir, or wikitext2|ptb|c4")] = "builtin",
+    seq_len: Annotated[int, typer.Option(help="PPL window length (128 and 2048 are the usual ones)")] = 128,
+    max_tokens: Annotated[int | None, typer.Option(help="score only the first N tokens (quick runs)")] = None,
+    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 8,
+    tasks: Annotated[str | None, typer.Option(help="zero-shot tasks, comma-separated, or 'all'")] = None,
+    tasks_dir: Annotated[Path | None, typer.Option(help="directory with the zero-shot jsonl files "
+                                                   "(default: $EDGEPRUNE_TASKS_DIR)")] = None,
+    limit: Annotated[int | None, typer.Option(help="first N examples per zero-shot task")] = None,
+    no_ppl: Annotated[bool, typer.Option("--no-ppl", help="skip perplexity")] = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Perplexity (non-overlapping windows) and zero-shot multiple-choice accuracy."""
+    from edgeprune.data import load_text
+    from edgeprune.evaluate.ppl import perplexity
+    from edgeprune.models import load
+
+    if batch_size < 1:
+        raise EdgePruneError("--batch-size must be at least 1")
+    task_list = _parse_tasks(tasks)
+    if task_list:
+        tasks_dir = tasks_dir or (Path(os.environ["EDGEPRUNE_TASKS_DIR"]) if "EDGEPRUNE_TASKS_DIR" in os.environ
+                                  else None)
+        if tasks_dir is None:
+            raise EdgePruneError("zero-shot tasks need --tasks-dir (or $EDGEPRUNE_TASKS_DIR) with the jsonl files")
+    text = None if no_ppl else load_text(data, "eval")
+    lm = load(model)
+    result: dict = {"model": model, "source": lm.source}
+    if text is not None:
+        r = perplexity(lm.model, lm.tokenizer, text, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size)
+        result["ppl"] = r
+        out.print(f"PPL {r['ppl']:.3f}  ({text.name}, seq_len {seq_len}, {r['windows']} windows, "
+                  f"{r['tokens_scored']:,} tokens, {r['seconds']:.0f} s)")
+    if task_list:
+        from edgeprune.evaluate.zeroshot import evaluate_tasks
+
+        z = evaluate_tasks(lm.model, lm.tokenizer, task_list, tasks_dir, limit=limit)
+        result["zeroshot"] = z
+        t = Table("task", "n", "acc", "acc_norm", title="zero-shot")
+        for name, v in z["tasks"].items():
+            t.add_row(name, str(v["n"]), f"{v['acc']:.4f}", f"{v['acc_norm']:.4f}")
+        t.add_row("average", "", f"{z['average']['acc']:.4f}", f"{z['average']['acc_norm']:.4f}")
+        out.print(t)
+    _write_json(json_path, result)
+
+
+def _parse_tasks(tasks: str | None) -> list[str]:
+    if not tasks:
+        return []
+    from edgeprune.evaluate.zeroshot import TASKS
+
+    if tasks == "all":
+        return list(TASKS)
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise EdgePruneError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+    return names
+
+
+def main() -> None:
+    try:
+        app()
+    except EdgePruneError as e:
+        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
