@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -114,6 +113,106 @@ def eval_cmd(
         t.add_row("average", "", f"{z['average']['acc']:.4f}", f"{z['average']['acc_norm']:.4f}")
         out.print(t)
     _write_json(json_path, result)
+
+
+CalibOpt = Annotated[str, typer.Option("--calib", help="calibration text: 'builtin', a file/dir, or wikitext2|ptb|c4")]
+ScorerOpt = Annotated[str, typer.Option(help="magnitude | taylor | wanda-sp | fluctuation | random | piem")]
+SamplesOpt = Annotated[int, typer.Option(help="calibration windows")]
+CalibLenOpt = Annotated[int, typer.Option("--calib-seq-len", help="tokens per calibration window")]
+SeedOpt = Annotated[int, typer.Option(help="seed for calibration sampling and the random scorer")]
+PiemOpt = Annotated[str | None, typer.Option("--piem-weights",
+                                             help="PIEM term weights 'alpha,beta,gamma' (weight, gradient, context)")]
+
+
+def _scorer_options(scorer: str, piem_weights: str | None) -> dict:
+    if piem_weights is None:
+        return {}
+    if scorer != "piem":
+        raise EdgePruneError("--piem-weights only applies to --scorer piem")
+    try:
+        a, b, g = (float(x) for x in piem_weights.split(","))
+    except ValueError:
+        raise EdgePruneError("--piem-weights must be three numbers, e.g. 0.1,0.3,0.6") from None
+    return {"alpha": a, "beta": b, "gamma": g}
+
+
+@app.command()
+def score(
+    model: ModelArg = "default",
+    scorer: ScorerOpt = "piem",
+    calib: CalibOpt = "builtin",
+    n_samples: SamplesOpt = 64,
+    calib_seq_len: CalibLenOpt = 128,
+    seed: SeedOpt = 0,
+    piem_weights: PiemOpt = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="scores JSON to write")] = Path("scores.json"),
+) -> None:
+    """Score every structural unit (KV groups, query heads, MLP channels) and write them as JSON."""
+    from edgeprune.data import calibration_batches, load_text
+    from edgeprune.io import manifest, write_json
+    from edgeprune.models import load
+    from edgeprune.scoring import make_scorer, score_model
+
+    sc = make_scorer(scorer, seed=seed, **_scorer_options(scorer, piem_weights))
+    text = load_text(calib, "calib")
+    lm = load(model)
+    batches = calibration_batches(lm.tokenizer, text, n_samples, calib_seq_len, seed)
+    scores = score_model(lm.adapter, sc, batches)
+    data = manifest("unit-scores", model=model, source=lm.source,
+                    calibration={"text": text.name, "sha256": text.sha256, "n_samples": n_samples,
+                                 "seq_len": calib_seq_len, "seed": seed},
+                    shapes=[s.to_dict() for s in lm.adapter.shapes()], **scores.to_dict())
+    write_json(output, data)
+    out.print(f"scored {len(scores.layers)} layers with {scorer} in {scores.meta['seconds']:.1f} s -> {output}")
+
+
+@app.command()
+def prune(
+    model: ModelArg = "default",
+    ratio: Annotated[float, typer.Option(help="fraction of decoder-layer parameters to remove, in [0, 1)")] = 0.2,
+    scorer: ScorerOpt = "piem",
+    allocator: Annotated[str, typer.Option(help="how much to remove per layer: uniform")] = "uniform",
+    attn_unit: Annotated[str, typer.Option(help="attention unit: 'group' (KV head + its query heads) or "
+                                           "'head' (query heads, same count from every group)")] = "group",
+    round_to: Annotated[int, typer.Option(help="round kept MLP widths to a multiple of this")] = 1,
+    rounds: Annotated[int, typer.Option(help="prune in K steps, re-scoring after each")] = 1,
+    calib: CalibOpt = "builtin",
+    n_samples: SamplesOpt = 64,
+    calib_seq_len: CalibLenOpt = 128,
+    seed: SeedOpt = 0,
+    piem_weights: PiemOpt = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="checkpoint directory to write")] = Path("out"),
+    json_path: JsonOpt = None,
+) -> None:
+    """Score, allocate and physically remove units; save a Hugging Face-style checkpoint."""
+    from edgeprune.allocation import ALLOCATORS
+    from edgeprune.allocation.base import ATTN_UNITS, check_ratio
+    from edgeprune.checkpoint import save_checkpoint
+    from edgeprune.data import load_text
+    from edgeprune.models import load
+    from edgeprune.prune import PruneConfig, prune_model
+    from edgeprune.scoring import make_scorer
+
+    check_ratio(ratio)
+    make_scorer(scorer, **_scorer_options(scorer, piem_weights))  # fail fast on bad options
+    if allocator not in ALLOCATORS:
+        raise EdgePruneError(f"unknown allocator '{allocator}'; choose from {', '.join(ALLOCATORS)}")
+    if attn_unit not in ATTN_UNITS:
+        raise EdgePruneError(f"unknown attention unit '{attn_unit}'; choose from {', '.join(ATTN_UNITS)}")
+    if rounds < 1 or round_to < 1:
+        raise EdgePruneError("--rounds and --round-to must be at least 1")
+    cfg = PruneConfig(ratio, scorer, allocator, attn_unit, round_to, rounds, n_samples, calib_seq_len, seed,
+                      _scorer_options(scorer, piem_weights))
+    text = load_text(calib, "calib")
+    lm = load(model)
+    record = prune_model(lm, cfg, text)
+    save_checkpoint(lm, output, {"source_model": model, "source": lm.source, **record})
+    b, a = record["params_before"], record["params_after"]
+    out.print(f"decoder-layer parameters {b['decoder_layers']:,} -> {a['decoder_layers']:,} "
+              f"(-{100 * record['decoder_reduction']:.1f}%)")
+    out.print(f"total parameters {b['total']:,} -> {a['total']:,} (-{100 * record['total_reduction']:.1f}%)")
+    out.print(f"wrote {output} ({record['seconds']:.0f} s, peak RSS {record['peak_rss_mib']:.0f} MiB)")
+    _write_json(json_path, record)
 
 
 def _parse_tasks(tasks: str | None) -> list[str]:

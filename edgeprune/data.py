@@ -78,8 +78,15 @@ def _builtin_text(split: Split) -> str:
     def is_eval(key: str) -> bool:  # a stable hash split: each topic lands in exactly one part
         return hashlib.sha256(key.encode()).digest()[0] % 5 == 0
 
-    keys = sorted(k for k in topics if is_eval(k) == (split == "eval"))
-    return "\n\n".join(topics[k].strip() for k in keys)
+    def paragraphs(keys):
+        return [p for k in sorted(keys) for p in topics[k].strip().split("\n\n") if p.strip()]
+
+    eval_paras = paragraphs(k for k in topics if is_eval(k))
+    if split == "eval":
+        return "\n\n".join(eval_paras)
+    # topics repeat some paragraphs verbatim: keep those on the evaluation side only
+    seen = set(eval_paras)
+    return "\n\n".join(p for p in paragraphs(k for k in topics if not is_eval(k)) if p not in seen)
 
 
 def _dataset_text(name: str, split: Split) -> str:

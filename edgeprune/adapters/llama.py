@@ -118,8 +118,8 @@ class LlamaAdapter(ModelAdapter):
         cfg.layer_num_heads = [s.num_heads for s in shapes]
         cfg.layer_num_kv_heads = [s.num_kv_heads for s in shapes]
         cfg.layer_intermediate_size = [s.intermediate_size for s in shapes]
-        cfg.layer_attention_out_bias = [_out_bias(l.attention, "o_proj") for l in layers]
-        cfg.layer_mlp_out_bias = [_out_bias(l.mlp, "down_proj") for l in layers]
+        cfg.layer_attention_out_bias = [_out_bias(layer.attention, "o_proj") for layer in layers]
+        cfg.layer_mlp_out_bias = [_out_bias(layer.mlp, "down_proj") for layer in layers]
         if is_uniform(shapes) and shapes:
             cfg.num_attention_heads = shapes[0].num_heads
             cfg.num_key_value_heads = shapes[0].num_kv_heads

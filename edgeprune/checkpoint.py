@@ -1,0 +1,71 @@
+"""Pruned checkpoints: Hugging Face-style directories that plain transformers loads.
+
+- Every layer the same shape: a normal config of the base family (fewer heads / channels / layers), loadable
+  with ``AutoModelForCausalLM.from_pretrained(dir)`` and no extra code.
+- Per-layer shapes: the config gets per-layer lists and an ``auto_map`` to ``modeling_edgeprune.py`` written
+  into the directory, loadable with ``trust_remote_code=True``. No pickled modules anywhere: weights are
+  safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgeprune.io import MANIFEST, atomic_dir, manifest, write_json
+
+LAYER_KEYS = ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size", "layer_attention_out_bias",
+              "layer_mlp_out_bias")
+REMOTE_FILE = "modeling_edgeprune.py"
+
+
+def _plain_config_ok(adapter, cfg: dict) -> bool:
+    from edgeprune.adapters.llama import is_uniform
+
+    if not is_uniform(adapter.shapes()):
+        return False
+    if any(cfg.get("layer_attention_out_bias") or []) or any(cfg.get("layer_mlp_out_bias") or []):
+        return False
+    # the base config must accept these widths (transformers checks hidden_size % num_heads)
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.for_model(adapter.family, **{k: v for k, v in cfg.items() if k not in LAYER_KEYS
+                                                and k not in ("model_type", "architectures", "auto_map")})
+    except Exception:
+        return False
+    return True
+
+
+def remote_code_source(family: str) -> str:
+    src = (Path(__file__).parent / "models" / "remote_code.py").read_text()
+    return src.replace('FAMILY = "llama"', f'FAMILY = "{family}"', 1)
+
+
+def save_checkpoint(lm, out_dir: str | Path, fields: dict) -> Path:
+    """Write model, tokenizer and manifest to ``out_dir`` atomically. Returns the directory."""
+    adapter = lm.adapter
+    adapter.sync_config()
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        base_type = adapter.family
+        if _plain_config_ok(adapter, cfg):
+            for k in LAYER_KEYS:
+                cfg.pop(k, None)
+            cfg["model_type"] = base_type
+            cfg.pop("auto_map", None)
+            layout = "uniform"
+        else:
+            cfg["model_type"] = f"edgeprune_{base_type}"
+            cfg["architectures"] = ["EdgePruneForCausalLM"]
+            cfg["auto_map"] = {"AutoConfig": "modeling_edgeprune.EdgePruneConfig",
+                               "AutoModelForCausalLM": "modeling_edgeprune.EdgePruneForCausalLM"}
+            (tmp / REMOTE_FILE).write_text(remote_code_source(base_type))
+            layout = "per-layer"
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        write_json(tmp / MANIFEST, manifest("pruned-checkpoint", layout=layout, **fields))
+    return out_dir

@@ -1,0 +1,47 @@
+"""PIEM and baseline scorers, and the driver that runs a scorer over a model on calibration text."""
+
+from __future__ import annotations
+
+import time
+
+from edgeprune.errors import EdgePruneError
+
+
+def scorer_names() -> tuple[str, ...]:
+    return ("magnitude", "taylor", "wanda-sp", "fluctuation", "random", "piem")
+
+
+def make_scorer(name: str, seed: int = 0, **options):
+    from edgeprune.scoring.scorers import SCORERS, RandomScorer
+
+    if name not in SCORERS:
+        raise EdgePruneError(f"unknown scorer '{name}'; choose from {', '.join(scorer_names())}")
+    if name == "random":
+        return RandomScorer(seed)
+    return SCORERS[name](**options) if options else SCORERS[name]()
+
+
+def score_model(adapter, scorer, batches, micro_batch: int = 8, progress: bool = True):
+    """Score every unit of every layer. Gradients (if needed) come from whole-model passes; activation
+    statistics from a layer-by-layer pass."""
+    import torch
+
+    from edgeprune.scoring.base import UnitScores
+    from edgeprune.scoring.calibration import accumulate_gradients, layerwise
+
+    start = time.perf_counter()
+    grads = None
+    if scorer.needs_gradients:
+        grads = accumulate_gradients(adapter, batches, micro_batch=max(1, micro_batch // 2), progress=progress)
+    layers = []
+    with torch.no_grad():
+        if scorer.needs_activations:
+            for layer, stats in layerwise(adapter, batches, micro_batch=micro_batch, progress=progress):
+                layers.append(scorer.score_layer(layer, stats, grads))
+        else:
+            for layer in adapter.layers:
+                layers.append(scorer.score_layer(layer, None, grads))
+    del grads
+    meta = {"scorer": scorer.describe(), "seconds": time.perf_counter() - start,
+            "calibration_shape": list(batches.shape)}
+    return UnitScores(scorer.name, layers, meta)

@@ -1,0 +1,210 @@
+"""Layer-by-layer calibration (as Wanda and FLAP do): capture the inputs of layer 0 once, then run one decoder
+layer at a time on the calibration batches, so peak memory is one layer plus its activations, not the model's
+whole activation graph. Hooks on the layer being run collect the statistics scorers need."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from edgeprune.adapters.base import LayerAdapter, ModelAdapter
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class FeatureStats:
+    """Running first and second moments of one projection's input features over calibration tokens."""
+
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+    n: int = 0
+
+    @classmethod
+    def zeros(cls, dim: int) -> FeatureStats:
+        return cls(torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64))
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.sum += x.sum(0)
+        self.sumsq += (x * x).sum(0)
+        self.n += x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.n, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.sumsq / max(self.n, 1) - self.mean**2).clamp_min(0)
+
+    @property
+    def sq_mean(self) -> torch.Tensor:
+        return self.sumsq / max(self.n, 1)
+
+
+@dataclass
+class LayerStats:
+    """What one layer did on the calibration text."""
+
+    attn_in: FeatureStats | None = None  # input of o_proj (concatenated head outputs)
+    mlp_in: FeatureStats | None = None  # input of down_proj (intermediate activations)
+    head_energy: torch.Tensor | None = None  # per query head: mean ||x_h W_o[:, h]^T||^2 per token
+    group_energy: torch.Tensor | None = None  # per KV group: the same for the group's heads together
+    # Block Influence (ShortGPT): 1 - mean cos(input, output) of the layer / attention block / MLP block
+    bi_layer: float = 0.0
+    bi_attn: float = 0.0
+    bi_mlp: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def capture_layer0_inputs(adapter: ModelAdapter, batches: torch.Tensor, micro_batch: int = 8):
+    """Run the embeddings once; return per micro-batch (hidden_states, layer kwargs)."""
+    layer0 = adapter.layers[0].layer
+    captured: list = []
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "cache")}
+        kw["use_cache"] = False
+        captured.append((hidden.detach(), kw))
+        raise _StopForward
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for b in range(0, batches.shape[0], micro_batch):
+                try:
+                    adapter.model(input_ids=batches[b : b + micro_batch], use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _bi(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    cos = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]).double(),
+                                                b.reshape(-1, b.shape[-1]).double(), dim=-1)
+    return (1 - cos).sum()
+
+
+def collect_layer_stats(layer: LayerAdapter, inputs: list) -> tuple[LayerStats, list]:
+    """Run one layer on every micro-batch with statistic hooks; return its stats and its outputs."""
+    stats = LayerStats()
+    handles = []
+    head_dim = layer.head_dim
+    bi = {"attn": torch.zeros((), dtype=torch.float64), "mlp": torch.zeros((), dtype=torch.float64)}
+    mid: list = []
+
+    if layer.has_attention:
+        _, _, _, o = layer.attention_projections()
+        stats.attn_in = FeatureStats.zeros(o.in_features)
+        n_heads, n_kv = layer.num_heads, layer.num_kv_heads
+        stats.head_energy = torch.zeros(n_heads, dtype=torch.float64)
+        stats.group_energy = torch.zeros(n_kv, dtype=torch.float64)
+        w = o.weight.detach().view(o.out_features, n_heads, head_dim)
+
+        def attn_hook(_m, args):
+            x = args[0]
+            stats.attn_in.update(x)
+            xh = x.reshape(-1, n_heads, head_dim)
+            y = torch.einsum("thd,ohd->tho", xh, w)  # each head's contribution to the residual
+            stats.head_energy.add_(y.double().pow(2).sum((0, 2)))
+            yg = y.view(y.shape[0], n_kv, n_heads // n_kv, -1).sum(2)
+            stats.group_energy.add_(yg.double().pow(2).sum((0, 2)))
+
+        handles.append(o.register_forward_pre_hook(attn_hook))
+    if layer.has_mlp:
+        _, _, down = layer.mlp_projections()
+        stats.mlp_in = FeatureStats.zeros(down.in_features)
+        handles.append(down.register_forward_pre_hook(lambda _m, args: stats.mlp_in.update(args[0])))
+    # the MLP-norm's input is the residual stream between the attention and the MLP block
+    handles.append(layer.mlp_input_norm.register_forward_pre_hook(lambda _m, args: mid.append(args[0])))
+
+    outputs = []
+    n_tokens = 0
+    try:
+        with torch.no_grad():
+            for hidden, kw in inputs:
+                mid.clear()
+                out = _run_layer(layer.layer, hidden, kw)
+                h_mid = mid[0] if mid else hidden
+                bi["attn"] += _bi(hidden, h_mid)
+                bi["mlp"] += _bi(h_mid, out)
+                stats.bi_layer += float(_bi(hidden, out))
+                n_tokens += hidden.shape[0] * hidden.shape[1]
+                outputs.append((out, kw))
+    finally:
+        for h in handles:
+            h.remove()
+    if stats.head_energy is not None:
+        stats.head_energy /= max(n_tokens, 1)
+        stats.group_energy /= max(n_tokens, 1)
+    stats.bi_layer /= max(n_tokens, 1)
+    stats.bi_attn = float(bi["attn"]) / max(n_tokens, 1)
+    stats.bi_mlp = float(bi["mlp"]) / max(n_tokens, 1)
+    return stats, outputs
+
+
+def layerwise(adapter: ModelAdapter, batches: torch.Tensor, micro_batch: int = 8,
+              progress: bool = True) -> Iterator[tuple[LayerAdapter, LayerStats]]:
+    """Yield (layer, stats) for every decoder layer, one layer in memory at a time."""
+    from tqdm.auto import tqdm
+
+    inputs = capture_layer0_inputs(adapter, batches, micro_batch)
+    for layer in tqdm(adapter.layers, desc="calibration", unit="layer", disable=not progress, leave=False):
+        stats, inputs = collect_layer_stats(layer, inputs)
+        yield layer, stats
+
+
+def accumulate_gradients(adapter: ModelAdapter, batches: torch.Tensor, micro_batch: int = 4,
+                         progress: bool = True) -> dict[str, torch.Tensor]:
+    """Sum of dL/dW over the calibration batches for every decoder-layer projection weight.
+
+    Cost: one float32 gradient per decoder projection weight (the size of the decoder layers) plus the
+    activations of one micro-batch; each micro-batch's graph is freed by its backward pass.
+    """
+    from tqdm.auto import tqdm
+
+    model = adapter.model
+    params = {}
+    for layer in adapter.layers:
+        mods = []
+        if layer.has_attention:
+            mods += list(zip(("q", "k", "v", "o"), layer.attention_projections(), strict=True))
+        if layer.has_mlp:
+            mods += list(zip(("gate", "up", "down"), layer.mlp_projections(), strict=True))
+        for name, mod in mods:
+            params[f"{layer.index}.{name}"] = mod.weight
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    n_total = batches[:, 1:].numel()
+    try:
+        for b in tqdm(range(0, batches.shape[0], micro_batch), desc="gradients", unit="batch",
+                      disable=not progress, leave=False):
+            ids = batches[b : b + micro_batch]
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum") / n_total
+            loss.backward()
+            del logits, loss
+        grads = {k: p.grad.detach().clone() for k, p in params.items()}
+    finally:
+        for p in model.parameters():
+            p.grad = None
+            p.requires_grad_(flags.get(id(p), True))
+    return grads

@@ -1,0 +1,171 @@
+"""The pluggable scorers: magnitude, taylor, wanda-sp, fluctuation, random and PIEM."""
+
+from __future__ import annotations
+
+import torch
+
+from edgeprune.scoring.base import (
+    LayerUnitScores,
+    Scorer,
+    block_scores,
+    normalise,
+    reduce_features,
+    reduce_weights,
+)
+
+
+def _weights(layer):
+    out = {}
+    if layer.has_attention:
+        out.update(zip("qkvo", (m.weight.detach().double() for m in layer.attention_projections()), strict=True))
+    if layer.has_mlp:
+        out.update(zip(("gate", "up", "down"), (m.weight.detach().double() for m in layer.mlp_projections()),
+                       strict=True))
+    return out
+
+
+def _col_norm_sq(layer):
+    """||W[:, j]||^2 of o_proj and down_proj: how strongly input feature j writes into the residual stream."""
+    o = layer.attention_projections()[3].weight.detach().double() if layer.has_attention else None
+    down = layer.mlp_projections()[2].weight.detach().double() if layer.has_mlp else None
+    return (None if o is None else o.pow(2).sum(0)), (None if down is None else down.pow(2).sum(0))
+
+
+class MagnitudeScorer(Scorer):
+    """L2 norm of all weights coupled to the unit (q/k/v rows and o columns; gate/up rows and down column)."""
+
+    name = "magnitude"
+
+    def score_layer(self, layer, stats, grads):
+        w = _weights(layer)
+        g, h, c = reduce_weights(layer, **{k: v.pow(2) for k, v in w.items()})
+        def sqrt(t):
+            return (None if t is None else t.sqrt())
+        return LayerUnitScores(sqrt(g), sqrt(h), sqrt(c), block_scores(stats))
+
+
+class TaylorScorer(Scorer):
+    """First-order Taylor (LLM-Pruner, element-wise): sum over the unit's weights of |w * dL/dw|."""
+
+    name = "taylor"
+    needs_gradients = True
+
+    def score_layer(self, layer, stats, grads):
+        w = _weights(layer)
+        prod = {k: (v * grads[f"{layer.index}.{k}"].double()).abs() for k, v in w.items()}
+        g, h, c = reduce_weights(layer, **prod)
+        return LayerUnitScores(g, h, c, block_scores(stats))
+
+
+class WandaSPScorer(Scorer):
+    """Structured Wanda: for input feature j of o_proj / down_proj, sum_i |W_ij| * ||X_j||_2."""
+
+    name = "wanda-sp"
+    needs_activations = True
+
+    def score_layer(self, layer, stats, grads):
+        attn = mlp = None
+        if layer.has_attention:
+            o = layer.attention_projections()[3].weight.detach().double()
+            attn = o.abs().sum(0) * stats.attn_in.sumsq.sqrt()
+        if layer.has_mlp:
+            down = layer.mlp_projections()[2].weight.detach().double()
+            mlp = down.abs().sum(0) * stats.mlp_in.sumsq.sqrt()
+        return LayerUnitScores(*reduce_features(layer, attn, mlp), block_scores(stats))
+
+
+class FluctuationScorer(Scorer):
+    """FLAP: the input feature's variance over calibration tokens times ||W[:, j]||^2 (the part of the unit's
+    output that a bias cannot restore)."""
+
+    name = "fluctuation"
+    needs_activations = True
+
+    def score_layer(self, layer, stats, grads):
+        o_sq, d_sq = _col_norm_sq(layer)
+        attn = stats.attn_in.var * o_sq if layer.has_attention else None
+        mlp = stats.mlp_in.var * d_sq if layer.has_mlp else None
+        return LayerUnitScores(*reduce_features(layer, attn, mlp), block_scores(stats))
+
+
+class RandomScorer(Scorer):
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def score_layer(self, layer, stats, grads):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + layer.index)
+        def rnd(n):
+            return (torch.rand(n, generator=gen, dtype=torch.float64) if n else None)
+        return LayerUnitScores(rnd(layer.num_kv_heads), rnd(layer.num_heads), rnd(layer.intermediate_size),
+                               block_scores(stats))
+
+    def describe(self):
+        return {"name": self.name, "seed": self.seed}
+
+
+class PIEMScorer(Scorer):
+    """PIEM, the paper's multi-dimensional importance: a weighted sum of three terms, each scaled to mean 1
+    over the layer's units of one kind (groups, heads or channels) before combining:
+
+    - weight term W(u): L2 norm of the unit's coupled weights (magnitude);
+    - gradient term G(u): sum over the unit's weights of |w * dL/dw| on calibration text (first-order Taylor);
+    - contextual term C(u): the unit's contribution to the layer's output on calibration text, i.e. the mean
+      squared norm of what the unit writes into the residual stream: for a head or KV group the exact
+      ||sum_{h in u} x_h W_o[:, h]^T||^2 per token, for an MLP channel E[x_j^2] * ||W_down[:, j]||^2. With
+      ``context="fluctuation"`` the mean part is left out (E[(x_j - mean_j)^2]), for use with bias compensation.
+
+    S(u) = alpha * W(u) + beta * G(u) + gamma * C(u).
+    """
+
+    name = "piem"
+    needs_activations = True
+    needs_gradients = True
+
+    def __init__(self, alpha: float = 0.1, beta: float = 0.3, gamma: float = 0.6, context: str = "energy"):
+        if min(alpha, beta, gamma) < 0 or alpha + beta + gamma <= 0:
+            from edgeprune.errors import EdgePruneError
+
+            raise EdgePruneError("PIEM weights must be >= 0 and not all zero")
+        self.alpha, self.beta, self.gamma, self.context = alpha, beta, gamma, context
+        self.needs_gradients = beta > 0
+        self.needs_activations = gamma > 0
+
+    def describe(self):
+        return {"name": self.name, "alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
+                "context": self.context}
+
+    def terms(self, layer, stats, grads) -> dict[str, LayerUnitScores]:
+        out = {"weight": MagnitudeScorer().score_layer(layer, stats, grads)}
+        if self.beta > 0:
+            out["gradient"] = TaylorScorer().score_layer(layer, stats, grads)
+        if self.gamma > 0:
+            out["context"] = self._context(layer, stats)
+        return out
+
+    def _context(self, layer, stats) -> LayerUnitScores:
+        if self.context == "fluctuation":
+            return FluctuationScorer().score_layer(layer, stats, None)
+        o_sq, d_sq = _col_norm_sq(layer)
+        groups = heads = channels = None
+        if layer.has_attention:
+            groups, heads = stats.group_energy, stats.head_energy
+        if layer.has_mlp:
+            channels = stats.mlp_in.sq_mean * d_sq
+        return LayerUnitScores(groups, heads, channels, block_scores(stats))
+
+    def score_layer(self, layer, stats, grads):
+        terms = self.terms(layer, stats, grads)
+        weights = {"weight": self.alpha, "gradient": self.beta, "context": self.gamma}
+
+        def combine(kind):
+            parts = [weights[k] * normalise(getattr(t, kind)) for k, t in terms.items()
+                     if weights[k] > 0 and getattr(t, kind) is not None]
+            return sum(parts) if parts else None
+
+        return LayerUnitScores(combine("groups"), combine("heads"), combine("channels"), block_scores(stats))
+
+
+SCORERS = {cls.name: cls for cls in (MagnitudeScorer, TaylorScorer, WandaSPScorer, FluctuationScorer,
+                                      RandomScorer, PIEMScorer)}

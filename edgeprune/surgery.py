@@ -1,0 +1,102 @@
+"""Structural surgery: cut a PruningPlan into the model. Linear layers become physically smaller (rows and
+columns are removed, biases too); removed blocks become parameter-free stubs; removed layers leave the stack."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgeprune.plan import PruningPlan
+
+
+def _rows(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(lin.in_features, idx.numel(), bias=lin.bias is not None,
+                    device=lin.weight.device, dtype=lin.weight.dtype)
+    new.weight.data.copy_(lin.weight.data.index_select(0, idx))
+    if lin.bias is not None:
+        new.bias.data.copy_(lin.bias.data.index_select(0, idx))
+    return new
+
+
+def _cols(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(idx.numel(), lin.out_features, bias=lin.bias is not None,
+                    device=lin.weight.device, dtype=lin.weight.dtype)
+    new.weight.data.copy_(lin.weight.data.index_select(1, idx))
+    if lin.bias is not None:
+        new.bias.data.copy_(lin.bias.data)
+    return new
+
+
+def _dims(units: list[int], size: int) -> torch.Tensor:
+    """Row/column indices of the kept heads (each head spans ``size`` consecutive features)."""
+    return torch.tensor([u * size + i for u in units for i in range(size)], dtype=torch.long)
+
+
+def apply_plan(adapter, plan: PruningPlan, attention_bias: dict | None = None,
+               mlp_bias: dict | None = None) -> None:
+    """Prune ``adapter.model`` in place. Optional per-layer bias vectors (bias compensation) are added to the
+    output projections of the pruned blocks."""
+    plan.validate(adapter)
+    attention_bias, mlp_bias = attention_bias or {}, mlp_bias or {}
+    with torch.no_grad():
+        for layer, lp in zip(adapter.layers, plan.layers, strict=True):
+            if lp.drop:
+                continue
+            if layer.has_attention:
+                a_bias = attention_bias.get(lp.index)
+                if not lp.kv_heads:
+                    layer.remove_attention(out_bias=a_bias)
+                elif lp.heads != list(range(layer.num_heads)) or a_bias is not None:
+                    q, k, v, o = layer.attention_projections()
+                    hd = layer.head_dim
+                    qi, kvi = _dims(lp.heads, hd), _dims(lp.kv_heads, hd)
+                    new_o = _cols(o, qi)
+                    layer.replace_attention(_rows(q, qi), _rows(k, kvi), _rows(v, kvi), _with_bias(new_o, a_bias))
+            if layer.has_mlp:
+                m_bias = mlp_bias.get(lp.index)
+                if not lp.channels:
+                    layer.remove_mlp(out_bias=m_bias)
+                elif lp.channels != list(range(layer.intermediate_size)) or m_bias is not None:
+                    gate, up, down = layer.mlp_projections()
+                    ci = torch.tensor(lp.channels, dtype=torch.long)
+                    layer.replace_mlp(_rows(gate, ci), _rows(up, ci), _with_bias(_cols(down, ci), m_bias))
+    drops = [lp.index for lp in plan.layers if lp.drop]
+    if drops:
+        adapter.drop_layers(drops)
+    adapter.sync_config()
+
+
+def _with_bias(lin: nn.Linear, extra: torch.Tensor | None) -> nn.Linear:
+    if extra is None:
+        return lin
+    if lin.bias is None:
+        lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
+    lin.bias.data += extra.to(lin.bias.dtype)
+    return lin
+
+
+def mask_plan(adapter, plan: PruningPlan) -> None:
+    """Zero (instead of removing) the weights of every unit the plan removes: the reference that surgery
+    must match exactly. Whole dropped layers cannot be masked and are not allowed here."""
+    plan.validate(adapter)
+    with torch.no_grad():
+        for layer, lp in zip(adapter.layers, plan.layers, strict=True):
+            if lp.drop:
+                raise ValueError("mask_plan does not support dropped layers")
+            if layer.has_attention:
+                q, k, v, o = layer.attention_projections()
+                hd = layer.head_dim
+                gone_h = _dims([h for h in range(layer.num_heads) if h not in lp.heads], hd)
+                gone_kv = _dims([h for h in range(layer.num_kv_heads) if h not in lp.kv_heads], hd)
+                for lin, idx in ((q, gone_h), (k, gone_kv), (v, gone_kv)):
+                    lin.weight[idx] = 0
+                    if lin.bias is not None:
+                        lin.bias[idx] = 0
+                o.weight[:, gone_h] = 0
+            if layer.has_mlp:
+                gate, up, down = layer.mlp_projections()
+                gone = torch.tensor([c for c in range(layer.intermediate_size) if c not in set(lp.channels)],
+                                    dtype=torch.long)
+                gate.weight[gone] = 0
+                up.weight[gone] = 0
+                down.weight[:, gone] = 0
