@@ -56,6 +56,16 @@ def run_one(scorer: str, ratios: list[float], data: str, tokens: int, piem: str 
             "peak_rss_mib": peak, "rows": rows}
 
 
+def dense_ppl(data: str, tokens: int) -> float:
+    from edgeprune.data import load_text
+    from edgeprune.evaluate.ppl import perplexity
+    from edgeprune.models import load
+
+    lm = load("default")
+    test = load_text(f"{data}/wikitext-2/wiki.test.raw", "eval")
+    return perplexity(lm.model, lm.tokenizer, test, 128, max_tokens=tokens, progress=False)["ppl"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data")
@@ -73,7 +83,11 @@ def main() -> None:
         print(json.dumps(run_one(args.one, ratios, data, args.tokens, args.piem_weights, args.attn_unit)))
         return
     result = load_result(args.name) or {"tokens": args.tokens, "runs": {}}
-    result["tokens"] = args.tokens
+    if result.get("tokens") != args.tokens:
+        result = {"tokens": args.tokens, "runs": {}}
+    if "dense" not in result:
+        result["dense"] = {"grid_ppl": dense_ppl(data, args.tokens)}
+        save(args.name, result)
     for scorer in args.scorers.split(","):
         cmd = [sys.executable, __file__, "--one", scorer, "--data", data, "--ratios", args.ratios,
                "--tokens", str(args.tokens), "--attn-unit", args.attn_unit]
