@@ -171,7 +171,15 @@ def prune(
     model: ModelArg = "default",
     ratio: Annotated[float, typer.Option(help="fraction of decoder-layer parameters to remove, in [0, 1)")] = 0.2,
     scorer: ScorerOpt = "piem",
-    allocator: Annotated[str, typer.Option(help="how much to remove per layer: uniform")] = "uniform",
+    allocator: Annotated[str, typer.Option(help="how much to remove per layer: uniform | lsps | global | owl | "
+                                           "depth")] = "uniform",
+    sensitivity: Annotated[str, typer.Option(help="LSPS layer sensitivity: loss | bi | fisher")] = "loss",
+    probe_ratio: Annotated[float, typer.Option(help="share of a module's units the loss/fisher probe removes")] = 0.3,
+    tau: Annotated[float, typer.Option(help="LSPS: how strongly ratios follow sensitivity (0 = uniform)")] = 1.0,
+    min_module_ratio: Annotated[float, typer.Option(help="LSPS: lower bound of a module's ratio")] = 0.0,
+    max_module_ratio: Annotated[float, typer.Option(help="LSPS: upper bound of a module's ratio")] = 0.8,
+    bias_compensation: Annotated[bool, typer.Option("--bias-compensation",
+                                                    help="add removed units' mean output to the bias (FLAP)")] = False,
     attn_unit: Annotated[str, typer.Option(help="attention unit: 'group' (KV head + its query heads) or "
                                            "'head' (query heads, same count from every group)")] = "group",
     round_to: Annotated[int, typer.Option(help="round kept MLP widths to a multiple of this")] = 1,
@@ -201,8 +209,15 @@ def prune(
         raise EdgePruneError(f"unknown attention unit '{attn_unit}'; choose from {', '.join(ATTN_UNITS)}")
     if rounds < 1 or round_to < 1:
         raise EdgePruneError("--rounds and --round-to must be at least 1")
+    from edgeprune.sensitivity import SENSITIVITIES
+
+    if sensitivity not in SENSITIVITIES:
+        raise EdgePruneError(f"unknown sensitivity '{sensitivity}'; choose from {', '.join(SENSITIVITIES)}")
+    if not 0 < probe_ratio < 1:
+        raise EdgePruneError("--probe-ratio must be in (0, 1)")
     cfg = PruneConfig(ratio, scorer, allocator, attn_unit, round_to, rounds, n_samples, calib_seq_len, seed,
-                      _scorer_options(scorer, piem_weights))
+                      _scorer_options(scorer, piem_weights), sensitivity, probe_ratio, tau, min_module_ratio,
+                      max_module_ratio, bias_compensation)
     text = load_text(calib, "calib")
     lm = load(model)
     record = prune_model(lm, cfg, text)

@@ -1,17 +1,20 @@
-"""Prune a loaded model: score -> allocate -> select -> surgery, in one or several rounds."""
+"""Prune a loaded model: score -> (sensitivity) -> allocate -> select -> surgery, in one or several rounds."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
-from edgeprune.allocation import allocate
+import torch
+
+from edgeprune.allocation import allocate, unit_costs
 from edgeprune.allocation.base import check_ratio
 from edgeprune.data import Text, calibration_batches
 from edgeprune.models.info import param_counts
 from edgeprune.plan import PruningPlan, compose
 from edgeprune.scoring import make_scorer, score_model
 from edgeprune.selection import build_plan
+from edgeprune.sensitivity import measure
 from edgeprune.surgery import apply_plan
 
 
@@ -27,41 +30,96 @@ class PruneConfig:
     seq_len: int = 128
     seed: int = 0
     scorer_options: dict = field(default_factory=dict)
+    sensitivity: str = "loss"
+    probe_ratio: float = 0.3
+    tau: float = 1.0
+    min_module_ratio: float = 0.0
+    max_module_ratio: float = 0.8
+    bias_compensation: bool = False
+    sensitivity_samples: int = 16  # calibration windows for the loss probe (a subset of the calibration set)
+
+
+def _prunable(adapter) -> int:
+    return sum(c.prunable for c in unit_costs(adapter))
+
+
+def compensation_biases(adapter, plan: PruningPlan, means: dict) -> tuple[dict, dict]:
+    """FLAP's bias compensation: the removed units' mean contribution on calibration text, added to the output
+    projection's bias, so the layer's average output is unchanged."""
+    attn, mlp = {}, {}
+    with torch.no_grad():
+        for layer, lp in zip(adapter.layers, plan.layers, strict=True):
+            m = means.get(layer.index, {})
+            if lp.drop:
+                continue
+            if layer.has_attention and m.get("attention") is not None and len(lp.heads) < layer.num_heads:
+                o = layer.attention_projections()[3]
+                d = layer.head_dim
+                gone = [h * d + i for h in range(layer.num_heads) if h not in set(lp.heads) for i in range(d)]
+                idx = torch.tensor(gone, dtype=torch.long)
+                attn[layer.index] = o.weight[:, idx] @ m["attention"][idx].to(o.weight.dtype)
+            if layer.has_mlp and m.get("mlp") is not None and len(lp.channels) < layer.intermediate_size:
+                down = layer.mlp_projections()[2]
+                keep = set(lp.channels)
+                idx = torch.tensor([c for c in range(layer.intermediate_size) if c not in keep], dtype=torch.long)
+                mlp[layer.index] = down.weight[:, idx] @ m["mlp"][idx].to(down.weight.dtype)
+    return attn, mlp
 
 
 def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True) -> dict:
-    """Prune ``lm`` in place. Returns a JSON-ready record (plan in original indices, params, timings)."""
+    """Prune ``lm`` in place. Returns a JSON-ready record (plan in original indices, allocation, sensitivities,
+    parameter counts, timings)."""
     import resource
 
     check_ratio(cfg.ratio)
+    if cfg.rounds < 1:
+        from edgeprune.errors import EdgePruneError
+
+        raise EdgePruneError("--rounds must be at least 1")
     scorer = make_scorer(cfg.scorer, seed=cfg.seed, **cfg.scorer_options)
     batches = calibration_batches(lm.tokenizer, calib, cfg.n_samples, cfg.seq_len, cfg.seed)
+    probe = batches[: cfg.sensitivity_samples]
     before = param_counts(lm.adapter)
-    base_decoder = before["decoder_layers"]
+    base_prunable = _prunable(lm.adapter)
     plan = PruningPlan.identity(lm.adapter)
     rounds = []
     start = time.perf_counter()
     for r in range(1, cfg.rounds + 1):
-        # each round removes its share of the *original* decoder parameters, measured on the current model
-        target_removed = cfg.ratio * base_decoder * r / cfg.rounds
-        now = param_counts(lm.adapter)["decoder_layers"]
-        round_ratio = max(0.0, (target_removed - (base_decoder - now)) / now)
-        scores = score_model(lm.adapter, scorer, batches, progress=progress)
-        alloc = allocate(cfg.allocator, lm.adapter, min(round_ratio, 0.999), attn_unit=cfg.attn_unit,
-                         round_to=cfg.round_to)
+        # each round removes its share of the original budget, measured against the current model
+        target = cfg.ratio * base_prunable * r / cfg.rounds
+        now = _prunable(lm.adapter)
+        round_ratio = min(max(0.0, (target - (base_prunable - now)) / now), 0.999)
+        means = {} if cfg.bias_compensation else None
+        scores = score_model(lm.adapter, scorer, batches, progress=progress,
+                             keep_gradients=cfg.sensitivity == "fisher", compensation=means)
+        sens = None
+        if cfg.allocator == "lsps":
+            sens = measure(cfg.sensitivity, lm.adapter, scores, probe, cfg.probe_ratio, cfg.attn_unit,
+                           grads=getattr(scores, "gradients", None), progress=progress)
+        options = {}
+        if cfg.allocator == "lsps":
+            options = {"tau": cfg.tau, "min_ratio": min(cfg.min_module_ratio, round_ratio),
+                       "max_ratio": max(cfg.max_module_ratio, round_ratio)}
+        alloc = allocate(cfg.allocator, lm.adapter, round_ratio, scores=scores, sensitivities=sens,
+                         attn_unit=cfg.attn_unit, round_to=cfg.round_to, **options)
         step = build_plan(lm.adapter, scores, alloc)
-        apply_plan(lm.adapter, step)
+        biases = compensation_biases(lm.adapter, step, means) if means is not None else ({}, {})
+        apply_plan(lm.adapter, step, attention_bias=biases[0], mlp_bias=biases[1])
+        scores.gradients = None
         plan = compose(plan, step)
         rounds.append({"round": r, "ratio_of_current": round_ratio, "allocation": alloc.to_dict(),
+                       "sensitivity": [s.to_dict() for s in sens] if sens else None,
+                       "block_influence": [s.blocks for s in scores.layers],
                        "scoring_seconds": scores.meta["seconds"]})
     after = param_counts(lm.adapter)
     plan.meta.update({"scorer": scorer.describe(), "allocator": cfg.allocator, "ratio": cfg.ratio,
                       "rounds": cfg.rounds, "attn_unit": cfg.attn_unit, "round_to": cfg.round_to})
     return {
-        "config": cfg.__dict__,
+        "config": asdict(cfg),
         "calibration": {"text": calib.name, "sha256": calib.sha256, "n_samples": cfg.n_samples,
                         "seq_len": cfg.seq_len, "seed": cfg.seed},
         "plan": plan.to_dict(),
+        "layer_shapes": [s.to_dict() for s in lm.adapter.shapes()],
         "rounds": rounds,
         "params_before": before,
         "params_after": after,

@@ -21,12 +21,13 @@ def make_scorer(name: str, seed: int = 0, **options):
     return SCORERS[name](**options) if options else SCORERS[name]()
 
 
-def score_model(adapter, scorer, batches, micro_batch: int = 8, progress: bool = True):
+def score_model(adapter, scorer, batches, micro_batch: int = 8, progress: bool = True,
+                keep_gradients: bool = False, compensation: dict | None = None):
     """Score every unit of every layer. Gradients (if needed) come from whole-model passes; activation
     statistics from a layer-by-layer pass."""
     import torch
 
-    from edgeprune.scoring.base import UnitScores
+    from edgeprune.scoring.base import UnitScores, outlier_ratio
     from edgeprune.scoring.calibration import accumulate_gradients, layerwise
 
     start = time.perf_counter()
@@ -37,11 +38,19 @@ def score_model(adapter, scorer, batches, micro_batch: int = 8, progress: bool =
     with torch.no_grad():
         if scorer.needs_activations:
             for layer, stats in layerwise(adapter, batches, micro_batch=micro_batch, progress=progress):
-                layers.append(scorer.score_layer(layer, stats, grads))
+                s = scorer.score_layer(layer, stats, grads)
+                s.blocks["outliers"] = outlier_ratio(layer, stats)
+                if compensation is not None:  # mean inputs of o_proj/down_proj, for bias compensation
+                    compensation[layer.index] = {
+                        "attention": stats.attn_in.mean.float() if stats.attn_in is not None else None,
+                        "mlp": stats.mlp_in.mean.float() if stats.mlp_in is not None else None}
+                layers.append(s)
         else:
             for layer in adapter.layers:
                 layers.append(scorer.score_layer(layer, None, grads))
-    del grads
     meta = {"scorer": scorer.describe(), "seconds": time.perf_counter() - start,
             "calibration_shape": list(batches.shape)}
-    return UnitScores(scorer.name, layers, meta)
+    scores = UnitScores(scorer.name, layers, meta)
+    if keep_gradients:
+        scores.gradients = grads  # not serialised; for the fisher sensitivity
+    return scores

@@ -55,6 +55,8 @@ class LayerStats:
     mlp_in: FeatureStats | None = None  # input of down_proj (intermediate activations)
     head_energy: torch.Tensor | None = None  # per query head: mean ||x_h W_o[:, h]^T||^2 per token
     group_energy: torch.Tensor | None = None  # per KV group: the same for the group's heads together
+    attn_x: FeatureStats | None = None  # input of q/k/v (the normed residual stream)
+    mlp_x: FeatureStats | None = None  # input of gate/up
     # Block Influence (ShortGPT): 1 - mean cos(input, output) of the layer / attention block / MLP block
     bi_layer: float = 0.0
     bi_attn: float = 0.0
@@ -128,6 +130,10 @@ def collect_layer_stats(layer: LayerAdapter, inputs: list) -> tuple[LayerStats, 
         _, _, down = layer.mlp_projections()
         stats.mlp_in = FeatureStats.zeros(down.in_features)
         handles.append(down.register_forward_pre_hook(lambda _m, args: stats.mlp_in.update(args[0])))
+    stats.attn_x = FeatureStats.zeros(layer.attention_input_norm.weight.shape[0])
+    stats.mlp_x = FeatureStats.zeros(layer.mlp_input_norm.weight.shape[0])
+    handles.append(layer.attention_input_norm.register_forward_hook(lambda _m, _a, y: stats.attn_x.update(y)))
+    handles.append(layer.mlp_input_norm.register_forward_hook(lambda _m, _a, y: stats.mlp_x.update(y)))
     # the MLP-norm's input is the residual stream between the attention and the MLP block
     handles.append(layer.mlp_input_norm.register_forward_pre_hook(lambda _m, args: mid.append(args[0])))
 

@@ -156,15 +156,19 @@ class PIEMScorer(Scorer):
         return LayerUnitScores(groups, heads, channels, block_scores(stats))
 
     def score_layer(self, layer, stats, grads):
-        terms = self.terms(layer, stats, grads)
         weights = {"weight": self.alpha, "gradient": self.beta, "context": self.gamma}
+        return combine_terms(self.terms(layer, stats, grads), weights, block_scores(stats))
 
-        def combine(kind):
-            parts = [weights[k] * normalise(getattr(t, kind)) for k, t in terms.items()
-                     if weights[k] > 0 and getattr(t, kind) is not None]
-            return sum(parts) if parts else None
 
-        return LayerUnitScores(combine("groups"), combine("heads"), combine("channels"), block_scores(stats))
+def combine_terms(terms: dict[str, LayerUnitScores], weights: dict[str, float], blocks=None) -> LayerUnitScores:
+    """PIEM's combination: sum of weight * term, each term scaled to mean 1 over the layer's units of a kind."""
+
+    def combine(kind):
+        parts = [weights[k] * normalise(getattr(t, kind)) for k, t in terms.items()
+                 if weights.get(k, 0) > 0 and getattr(t, kind) is not None]
+        return sum(parts) if parts else None
+
+    return LayerUnitScores(combine("groups"), combine("heads"), combine("channels"), blocks or {})
 
 
 SCORERS = {cls.name: cls for cls in (MagnitudeScorer, TaylorScorer, WandaSPScorer, FluctuationScorer,
