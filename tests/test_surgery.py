@@ -158,3 +158,18 @@ def test_failed_save_leaves_nothing(tiny, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_checkpoint(tiny, tmp_path / "ck", {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_per_layer_checkpoint_loads_without_prompting(tiny, tmp_path):
+    """edgeprune loads its own per-layer format with its packaged code: no remote-code prompt, no stdin."""
+    import subprocess
+    import sys
+
+    apply_plan(tiny.adapter, nonuniform_plan(tiny.adapter))
+    save_checkpoint(tiny, tmp_path / "ck", {})
+    code = f"from edgeprune.models import load; print(load({str(tmp_path / 'ck')!r}).adapter.shapes()[2])"
+    p = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "custom code" not in p.stdout + p.stderr
+    assert "num_heads=0" in p.stdout

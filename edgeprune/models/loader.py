@@ -120,7 +120,8 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
             model = cls.from_pretrained(path, dtype=torch.float32)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # our per-layer configs carry an auto_map; the tokenizer needs none of that code
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except EdgePruneError:
         raise
     except Exception as e:  # transformers raises many types for unreadable or corrupt files
