@@ -230,6 +230,30 @@ def prune(
     _write_json(json_path, record)
 
 
+@app.command("export")
+def export_cmd(
+    model: Annotated[str, typer.Argument(help="a checkpoint directory (dense or pruned), a .gguf, or 'default'")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx | gguf")] = "onnx",
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | int8 (ONNX: 8-bit weights; GGUF: q8_0) | q8_0 | "
+                                       "q4_k_m (GGUF)")] = "fp32",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="artifact directory to write "
+                                                "(default: artifacts/NAME-FORMAT-DTYPE)")] = None,
+    optimize: Annotated[bool | None, typer.Option("--optimize/--no-optimize",
+                                                  help="ONNX: onnxruntime's transformer optimizer")] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Export to ONNX (onnxruntime) or GGUF (llama.cpp), then check parity against PyTorch."""
+    from edgeprune.export.artifacts import default_output, export_artifact
+
+    out_dir = output or default_output(model, fmt, dtype)
+    info = export_artifact(model, fmt, dtype, out_dir, optimize)
+    parity = info.get("parity", {})
+    out.print(f"wrote {out_dir} ({info.get('size_bytes', 0) / 2**20:.1f} MiB {fmt} {dtype}); parity "
+              f"{'passed' if parity.get('passed') else 'FAILED'}: max |logit diff| "
+              f"{parity.get('max_abs_logit_diff', float('nan')):.3g}, greedy match {parity.get('greedy_match')}")
+    _write_json(json_path, info)
+
+
 def _parse_tasks(tasks: str | None) -> list[str]:
     if not tasks:
         return []
