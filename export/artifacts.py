@@ -67,6 +67,7 @@ def export_artifact(spec: str, fmt: str, dtype: str, out: Path, optimize: bool |
 
 def export_gguf_artifact(ckpt: Path, out: Path, dtype: str) -> dict:
     from edgeprune.export.gguf import check_gguf, export_gguf
+
     from edgeprune.io import MANIFEST, atomic_dir, manifest, write_json
 
     if out.exists() and not out.is_dir():
