@@ -16,7 +16,7 @@ from common import data_dir, save
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data")
-    ap.add_argument("--limit", type=int, default=None, help="first N examples per zero-shot task")
+    ap.add_argument("--limit", type=int, default=500, help="first N examples per zero-shot task (0: all)")
     ap.add_argument("--skip-zeroshot", action="store_true")
     ap.add_argument("--model", default="default")
     args = ap.parse_args()
@@ -40,7 +40,7 @@ def main() -> None:
     result["ptb_ppl128"] = perplexity(lm.model, lm.tokenizer, ptb, 128)
     print(f"PTB valid PPL@128: {result['ptb_ppl128']['ppl']:.3f}", flush=True)
     if not args.skip_zeroshot:
-        result["zeroshot"] = evaluate_tasks(lm.model, lm.tokenizer, TASKS, d, limit=args.limit)
+        result["zeroshot"] = evaluate_tasks(lm.model, lm.tokenizer, TASKS, d, limit=args.limit or None)
         print("zero-shot average acc:", round(result["zeroshot"]["average"]["acc"], 4))
     save("baseline", result)
 

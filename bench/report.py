@@ -46,17 +46,54 @@ def scorers_section(s: dict, baseline: dict | None) -> list[str]:
              f"PPL: WikiText-2 raw *test*, seq 128, the same first {tokens:,} tokens for every row"
              + (f" (dense on these tokens: {_fmt_ppl(baseline['grid_ppl'])})" if baseline and
                 baseline.get("grid_ppl") else "") + ".", "",
-             "| scorer | " + " | ".join(f"PPL @ {r:.0%}" for r in ratios) + " | scoring s | peak RSS MiB |",
+             "| scorer | " + " | ".join(f"PPL @ {r:.0%}" for r in ratios) + " | scoring s* | peak RSS MiB |",
              "|---|" + "---|" * (len(ratios) + 2)]
     for name, run in runs.items():
         cells = " | ".join(_fmt_ppl(r["ppl"]) for r in run["rows"])
         lines.append(f"| {name} | {cells} | {run['scoring_seconds']:.0f} | {run['peak_rss_mib']:.0f} |")
-    lines += ["", "![PPL vs ratio per scorer](bench/scorers.png)", ""]
-    _plot(runs, ROOT / "bench" / "scorers.png")
+    lines += ["", "\\* wall time of scoring 64 x 128 calibration tokens, including the gradient pass where the scorer "
+              "needs one; these runs shared the 2 cores with other jobs, so the times are upper bounds. Peak RSS "
+              "is the scoring process's maximum resident memory (model, gradients, one layer's activations).", "",
+              "![PPL vs ratio per scorer](bench/scorers.png)", ""]
+    _plot(runs, ROOT / "bench" / "scorers.png", (baseline or {}).get("grid_ppl"))
     return lines
 
 
-def _plot(runs: dict, path) -> None:
+def piem_terms_section(t: dict) -> list[str]:
+    rows = t["rows"]
+    ratios = list(next(iter(rows.values()))["ppl"])
+    lines = ["## PIEM terms and default weights (`bench/piem_terms.py`)", "",
+             "W = weight term, G = gradient term, C = contextual term (see README); weights (alpha, beta, gamma). "
+             f"Uniform allocation, the same {t['tokens']:,} WikiText-2 test tokens as above; the three terms are "
+             f"computed once ({t['scoring_seconds']:.0f} s) and recombined per row.", "",
+             "| terms | (alpha, beta, gamma) | " + " | ".join(f"PPL @ {float(r):.0%}" for r in ratios) + " |",
+             "|---|---|" + "---|" * len(ratios)]
+    best = min(rows, key=lambda k: sum(rows[k]["ppl"].values()))
+    for name, row in rows.items():
+        w = ", ".join(f"{x:g}" for x in row["weights"])
+        cells = " | ".join(_fmt_ppl(row["ppl"][r]) for r in ratios)
+        lines.append(f"| {'**' + name + '**' if name == best else name} | ({w}) | {cells} |")
+    lines += ["", f"Lowest summed PPL: **{best}**.", ""]
+    return lines
+
+
+def ablation_section(a: dict) -> list[str]:
+    rows = a["rows"]
+    lines = ["## Ablation: scorers x allocators x rounds (`bench/ablate.py`)", "",
+             f"Each row pruned from the dense model with WikiText-2 valid calibration; PPL on the first "
+             f"{a['tokens']:,} WikiText-2 test tokens (seq 128); zero-shot = mean acc over PIQA, ARC-e, ARC-c, "
+             f"BoolQ, OpenBookQA" + (f", first {a['limit']} examples each" if a.get("limit") else "")
+             + "; decode = greedy tokens/s of the PyTorch model on this CPU (batch 1).", "",
+             "| method | ratio | PPL | zero-shot acc | params (M) | decode tok/s |", "|---|---|---|---|---|---|"]
+    for row in rows.values():
+        z = row.get("zeroshot_avg_acc")
+        lines.append(f"| {row['method']} | {row['ratio']:.0%} | {_fmt_ppl(row['ppl'])} | "
+                     f"{'' if z is None else f'{z:.4f}'} | {row['params'] / 1e6:.1f} | {row['decode_tok_s']:.1f} |")
+    lines.append("")
+    return lines
+
+
+def _plot(runs: dict, path, dense: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,6 +103,8 @@ def _plot(runs: dict, path) -> None:
     for name, run in runs.items():
         xs = [100 * r["ratio"] for r in run["rows"]]
         ax.plot(xs, [r["ppl"] for r in run["rows"]], marker="o", label=name)
+    if dense:
+        ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense ({dense:.1f})")
     ax.set_yscale("log")
     ax.set_xlabel("decoder parameters removed (%)")
     ax.set_ylabel("WikiText-2 PPL (seq 128)")
@@ -87,6 +126,12 @@ def main() -> None:
     s = load_result("scorers")
     if s:
         lines += scorers_section(s, s.get("dense"))
+    t = load_result("piem_terms")
+    if t:
+        lines += piem_terms_section(t)
+    a = load_result("ablation")
+    if a:
+        lines += ablation_section(a)
     OUT.write_text("\n".join(lines))
     print(f"wrote {OUT}")
 
