@@ -142,11 +142,10 @@ def _load_hub(repo_id: str) -> LoadedModel:
 
 
 def _gguf_cache_path(gguf: Path) -> Path:
-    st = gguf.stat()
-    from edgeprune.io import sha256_text
+    """The cache of a GGUF file is keyed by its content, so every copy of the same file shares it."""
+    from edgeprune.io import sha256_file
 
-    key = sha256_text(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}")[:16]
-    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+    return cache_dir() / "models" / f"{gguf.stem}-{sha256_file(gguf)[:16]}"
 
 
 def _load_gguf(gguf: Path, use_cache: bool = True) -> LoadedModel:
