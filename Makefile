@@ -14,7 +14,7 @@ MODEL ?= default
 DATA ?= ../shared/data
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint bench-baseline clean
+.PHONY: install demo test lint bench-baseline check-optimum clean
 
 install: $(STAMP)
 
@@ -48,6 +48,14 @@ test: install
 
 bench-baseline: install
 	$(BIN)/python bench/baseline.py --data $(DATA)
+
+# optimum-onnx 0.1.0 needs transformers < 4.58, so it lives in its own environment (README).
+check-optimum: install
+	@test -x .venv-optimum/bin/python || $(PYTHON) -m venv .venv-optimum
+	.venv-optimum/bin/pip install -q torch==$(TORCH_VERSION)
+	.venv-optimum/bin/pip install -q "optimum-onnx==0.1.0" "transformers==4.57.6" onnxruntime tokenizers
+	$(BIN)/edgeprune export $(MODEL) --format onnx --dtype fp32 -o out/optimum-check
+	.venv-optimum/bin/python tests/optimum_check.py out/optimum-check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

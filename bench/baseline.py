@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import data_dir, save
+from common import data_dir, load_result, save
 
 
 def main() -> None:
@@ -19,6 +19,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=500, help="first N examples per zero-shot task (0: all)")
     ap.add_argument("--skip-zeroshot", action="store_true")
     ap.add_argument("--model", default="default")
+    ap.add_argument("--only", choices=("wikitext2", "ptb", "zeroshot"), help="run one phase, keep the others' "
+                    "results from bench/results/baseline.json")
     args = ap.parse_args()
     d = data_dir(args.data)
 
@@ -31,15 +33,20 @@ def main() -> None:
 
     lm = load(args.model)
     info = model_info(lm)
-    result = {"model": args.model, "params": info["params"], "versions": package_versions(),
-              "date": time.strftime("%Y-%m-%d")}
-    text = load_text(str(d / "wikitext-2" / "wiki.test.raw"))
-    result["wikitext2_ppl128"] = perplexity(lm.model, lm.tokenizer, text, 128)
-    print(f"WikiText-2 PPL@128: {result['wikitext2_ppl128']['ppl']:.3f}", flush=True)
-    ptb = load_text(str(d / "ptb" / "ptb.valid.txt"))
-    result["ptb_ppl128"] = perplexity(lm.model, lm.tokenizer, ptb, 128)
-    print(f"PTB valid PPL@128: {result['ptb_ppl128']['ppl']:.3f}", flush=True)
-    if not args.skip_zeroshot:
+    result = (load_result("baseline") or {}) if args.only else {}
+    result.update({"model": args.model, "params": info["params"], "versions": package_versions(),
+                   "date": time.strftime("%Y-%m-%d")})
+    if args.only in (None, "wikitext2"):
+        text = load_text(str(d / "wikitext-2" / "wiki.test.raw"))
+        result["wikitext2_ppl128"] = perplexity(lm.model, lm.tokenizer, text, 128)
+        print(f"WikiText-2 PPL@128: {result['wikitext2_ppl128']['ppl']:.3f}", flush=True)
+        save("baseline", result)  # each phase is saved as it finishes
+    if args.only in (None, "ptb"):
+        ptb = load_text(str(d / "ptb" / "ptb.valid.txt"))
+        result["ptb_ppl128"] = perplexity(lm.model, lm.tokenizer, ptb, 128)
+        print(f"PTB valid PPL@128: {result['ptb_ppl128']['ppl']:.3f}", flush=True)
+        save("baseline", result)
+    if args.only in (None, "zeroshot") and not args.skip_zeroshot:
         result["zeroshot"] = evaluate_tasks(lm.model, lm.tokenizer, TASKS, d, limit=args.limit or None)
         print("zero-shot average acc:", round(result["zeroshot"]["average"]["acc"], 4))
     save("baseline", result)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import GRID_TOKENS, data_dir, save
+from common import GRID_TOKENS, data_dir, load_result, save
 
 # (alpha, beta, gamma) = weights of the (weight, gradient, context) terms
 GRID = {
@@ -57,8 +57,11 @@ def main() -> None:
     score_model(lm.adapter, rec, calibration_batches(lm.tokenizer, calib, 64, 128, 0), progress=False)
     seconds = time.perf_counter() - t0
     ratios = [float(r) for r in args.ratios.split(",")]
-    rows = {}
+    previous = load_result("piem_terms") or {}
+    rows = previous.get("rows", {}) if previous.get("tokens") == args.tokens else {}
     for name in args.rows.split(","):
+        if name in rows:
+            continue
         a, b, g = GRID[name]
         w = {"weight": a, "gradient": b, "context": g}
         scores = UnitScores("piem", [combine_terms(t, w) for t, _ in rec.layers])
