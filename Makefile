@@ -37,7 +37,7 @@ DEMO_DIR ?= out/demo
 demo: install
 	$(BIN)/edgeprune info $(MODEL)
 	$(BIN)/edgeprune eval $(MODEL) --seq-len 512
-	$(BIN)/edgeprune prune $(MODEL) --ratio 0.2 --scorer piem --allocator lsps -o $(DEMO_DIR)/pruned-20
+	$(BIN)/edgeprune prune $(MODEL) --ratio 0.2 --scorer piem --allocator lsps --sensitivity bi -o $(DEMO_DIR)/pruned-20
 	$(BIN)/edgeprune info $(DEMO_DIR)/pruned-20
 	$(BIN)/edgeprune eval $(DEMO_DIR)/pruned-20 --seq-len 512
 	$(BIN)/edgeprune export $(DEMO_DIR)/pruned-20 --format gguf --dtype q8_0 -o $(DEMO_DIR)/pruned-20-gguf-q8_0
