@@ -39,7 +39,7 @@ def package_versions(names: tuple[str, ...] = ("edgeprune", "torch", "transforme
     return out
 
 
-def _check_writable_parent(path: Path) -> None:
+def check_writable_parent(path: Path) -> None:
     from edgeprune.errors import EdgePruneError
 
     parent = path.parent if str(path.parent) else Path(".")
@@ -54,7 +54,7 @@ def _check_writable_parent(path: Path) -> None:
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (temp file in the same directory, then rename)."""
     path = Path(path)
-    _check_writable_parent(path)
+    check_writable_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -84,7 +84,7 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     from edgeprune.errors import EdgePruneError
 
     path = Path(path)
-    _check_writable_parent(path)
+    check_writable_parent(path)
     if path.exists() and not path.is_dir():
         raise EdgePruneError(f"output path {path} exists and is not a directory")
     if path.exists() and not overwrite:

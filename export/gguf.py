@@ -35,7 +35,6 @@ for bf16 checkpoints); ``check_gguf`` needs torch/transformers and llama-cpp-pyt
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -47,7 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.errors import EdgePruneError, first_line
+from edgeprune.io import check_writable_parent, sha256_file
 
 GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_k_m")
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -120,7 +120,7 @@ class _Tensors:
         except EdgePruneError:
             raise
         except Exception as e:
-            raise EdgePruneError(f"cannot read weights in {ckpt}: {_first_line(e)}") from None
+            raise EdgePruneError(f"cannot read weights in {ckpt}: {first_line(e)}") from None
 
     def names(self) -> set[str]:
         return set(self._where)
@@ -140,16 +140,13 @@ class _Tensors:
         return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 def _read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgePruneError(f"cannot read {what} {path}: {_first_line(e)}") from None
+        raise EdgePruneError(f"cannot read {what} {path}: {first_line(e)}") from None
 
 
 def _resolve_checkpoint(path: Path) -> Path:
@@ -616,24 +613,10 @@ def _quantize_llama_cpp(src: Path, dst: Path, dtype: str) -> None:
         raise EdgePruneError(f"llama.cpp could not quantize {src.name} to {dtype} (code {rc})")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_output(out: Path) -> None:
     if out.is_dir():
         raise EdgePruneError(f"output path {out} is a directory")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EdgePruneError(f"cannot create output directory {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise EdgePruneError(f"output directory {parent} is not writable")
+    check_writable_parent(out)
 
 
 def export_gguf(checkpoint_dir, out_path, dtype: str = "f16", *, pre_tokenizer: str | None = None) -> dict:
@@ -673,12 +656,12 @@ def export_gguf(checkpoint_dir, out_path, dtype: str = "f16", *, pre_tokenizer: 
         else:
             final = temp(".tmp")
             types = _write(final, plan, tok, cfg, dtype, name)
-        digest = _sha256(final)
+        digest = sha256_file(final)
         size = final.stat().st_size
         os.chmod(final, 0o644)
         os.replace(final, out)
     except OSError as e:
-        raise EdgePruneError(f"cannot write {out}: {e.strerror or _first_line(e)}") from None
+        raise EdgePruneError(f"cannot write {out}: {e.strerror or first_line(e)}") from None
     finally:
         for p in temps:
             with contextlib.suppress(FileNotFoundError):
@@ -754,7 +737,7 @@ def _gguf_metadata(path, keys: tuple[str, ...]) -> dict:
                     if len(found) == len(keys):
                         break
     except (OSError, ValueError, KeyError, struct.error, UnicodeDecodeError) as e:
-        raise EdgePruneError(f"{path} is not a readable GGUF file: {_first_line(e)}") from None
+        raise EdgePruneError(f"{path} is not a readable GGUF file: {first_line(e)}") from None
     return found
 
 
@@ -806,7 +789,7 @@ def _llama(gguf_path, n_ctx: int, n_threads: int | None = None):
                                    n_threads=n_threads, n_threads_batch=n_threads, type_k=0, type_v=0, seed=0,
                                    verbose=False)
     except Exception as e:  # llama.cpp reports a failed load as ValueError/RuntimeError
-        raise EdgePruneError(f"llama.cpp cannot load {path}: {_first_line(e)}") from None
+        raise EdgePruneError(f"llama.cpp cannot load {path}: {first_line(e)}") from None
 
 
 def _logits(llm, ids: list[int]) -> np.ndarray:

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.errors import EdgePruneError, first_line
 
 ONNX_DTYPES = ("fp32", "fp16", "int8")
 OPSET = 17
@@ -602,7 +602,7 @@ def _export(src: Path, out: Path, dtype: str, optimize: bool, recipe: str, check
             try:
                 info.update(_export_fp32(traced, current))
             except Exception as e:  # the tracer raises many types; report one line
-                raise EdgePruneError(f"ONNX export of {src} failed: {_first_line(e)}") from None
+                raise EdgePruneError(f"ONNX export of {src} failed: {first_line(e)}") from None
             del traced
             if optimize:
                 info["optimizer"] = optimize_graph(current, work / "opt.onnx")
@@ -619,7 +619,7 @@ def _export(src: Path, out: Path, dtype: str, optimize: bool, recipe: str, check
             except (EdgePruneError, OSError):
                 raise
             except Exception as e:  # onnx/onnxruntime tooling errors: one line, like every other failure
-                raise EdgePruneError(f"ONNX {dtype} conversion of {src} failed: {_first_line(e)}") from None
+                raise EdgePruneError(f"ONNX {dtype} conversion of {src} failed: {first_line(e)}") from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
         info["external_data"] = (tmp / DATA_FILE).exists()
@@ -791,9 +791,6 @@ def _log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 __all__ = ["ONNX_DTYPES", "check_onnx", "export_onnx"]

