@@ -14,9 +14,19 @@ MODEL ?= default
 DATA ?= ../shared/data
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint bench-baseline check-optimum clean
+.PHONY: install demo test lint bench-baseline check-optimum clean system-deps device-artifact
 
-install: $(STAMP)
+install: $(STAMP) system-deps
+
+# The SSH tests' "device" is a local sshd (Debian's openssh-server; rsync for resumable uploads). Installed only
+# when /usr/sbin/sshd is missing and apt-get exists; as root a failure stops the install (CI), otherwise it warns.
+system-deps:
+	@test -x /usr/sbin/sshd || ! command -v apt-get >/dev/null || { \
+	  echo "installing openssh-server and rsync (the SSH tests' device)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	      --no-install-recommends openssh-server openssh-client rsync >/dev/null; } || \
+	  { [ "$$(id -u)" != 0 ] && echo "warning: could not install openssh-server; the SSH tests will skip"; }; }
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +70,36 @@ check-optimum: install
 	.venv-optimum/bin/pip install -q "optimum-onnx==0.1.0" "transformers==4.57.6" onnxruntime tokenizers
 	$(BIN)/edgeprune export $(MODEL) --format onnx --dtype fp32 -o out/optimum-check
 	.venv-optimum/bin/python tests/optimum_check.py out/optimum-check
+
+# ---- devices (README "Devices"). ARTIFACT: an artifact directory; the default one is exported when missing.
+#   make profile-cpu                          profile here with the cpu profile
+#   make profile-rpi5 HOST=pi@raspberrypi     ship to the device, profile there, bring the JSON back (= ship-rpi5)
+#   make ship-jetson HOST=nvidia@orin         "jetson" is the Orin Nano profile (DEVICE_jetson)
+# Optional: PORT, KEY, KNOWN_HOSTS, REMOTE_PYTHON, REMOTE_DIR, PROFILE_ARGS (extra `edgeprune profile/ship` options),
+# PROFILES_OUT (where the JSON goes: PROFILES_OUT/DEVICE-ARTIFACTNAME.json).
+DEFAULT_ARTIFACT := artifacts/default-gguf-q8_0
+ARTIFACT ?= $(DEFAULT_ARTIFACT)
+PROFILES_OUT ?= out/profiles
+DEVICE_jetson ?= jetson-orin-nano
+device_name = $(or $(DEVICE_$*),$*)
+profile_json = $(PROFILES_OUT)/$(device_name)-$(notdir $(patsubst %/,%,$(ARTIFACT))).json
+SSH_ARGS = $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(KEY),--key $(KEY)) \
+	$(if $(KNOWN_HOSTS),--known-hosts $(KNOWN_HOSTS)) $(if $(REMOTE_PYTHON),--python $(REMOTE_PYTHON)) \
+	$(if $(REMOTE_DIR),--remote-dir $(REMOTE_DIR))
+
+device-artifact: install
+	@if [ ! -f "$(ARTIFACT)/manifest.json" ]; then \
+	  if [ "$(ARTIFACT)" = "$(DEFAULT_ARTIFACT)" ]; then \
+	    $(BIN)/edgeprune export default --format gguf --dtype q8_0 -o $(DEFAULT_ARTIFACT); \
+	  else echo "error: ARTIFACT=$(ARTIFACT) is not an artifact directory (make one with edgeprune export)" >&2; \
+	    exit 2; fi; fi
+
+profile-%: device-artifact
+	$(BIN)/edgeprune $(if $(HOST),ship,profile) $(ARTIFACT) --device $(device_name) $(SSH_ARGS) $(PROFILE_ARGS) \
+	  --json $(profile_json)
+
+ship-%: device-artifact
+	$(BIN)/edgeprune ship $(ARTIFACT) --device $(device_name) $(SSH_ARGS) $(PROFILE_ARGS) --json $(profile_json)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

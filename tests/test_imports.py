@@ -18,6 +18,14 @@ def test_device_side_imports_without_torch():
     assert "torch" not in mods and "transformers" not in mods
 
 
+def test_device_modules_import_without_torch():
+    # the device side (profiler, runtimes, bundle agent) and the host side of devices (profiles, ship)
+    mods = _modules_after("import edgeprune.devices.profiler, edgeprune.devices.ort_generate, "
+                          "edgeprune.devices.llama_generate, edgeprune.devices.bundle, "
+                          "edgeprune.devices.profiles, edgeprune.devices.ship")
+    assert "torch" not in mods and "transformers" not in mods
+
+
 def test_one_namespace():
     import edgeprune.devices
     import edgeprune.export
