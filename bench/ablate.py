@@ -1,7 +1,8 @@
 """The paper-style ablation on the default model: methods x ratios, each pruned from the dense model, then
 WikiText-2 raw test PPL (seq 128, the same first --tokens tokens for every row), zero-shot average over PIQA,
 ARC-e, ARC-c, BoolQ, OpenBookQA (first --limit examples per task), parameter count and decode speed on this
-CPU. Each row runs in its own process. Writes bench/results/ablation.json; `python bench/report.py` renders it.
+CPU. Each method runs in its own process, which prunes every ratio from a fresh dense model. Writes
+bench/results/ablation.json; `python bench/report.py` renders it.
 
     python bench/ablate.py [--data ../shared/data] [--ratios 0.2,0.3,0.5] [--methods a,b] [--limit 100]
 """
@@ -41,30 +42,45 @@ def decode_speed(model, tokenizer, n_new: int = 32) -> float:
     return n_new / (time.perf_counter() - t)
 
 
-def run_one(method: str, ratio: float, data: str, tokens: int, limit: int | None) -> dict:
+def evaluate(lm, data: str, tokens: int, limit: int) -> dict:
     from edgeprune.data import load_text
     from edgeprune.evaluate.ppl import perplexity
     from edgeprune.evaluate.zeroshot import TASKS, evaluate_tasks
-    from edgeprune.models import load
-    from edgeprune.prune import PruneConfig, prune_model
 
-    lm = load("default")
-    record = {}
-    if ratio > 0:
-        calib = load_text(f"{data}/wikitext-2/tokens/valid.txt", "calib")
-        record = prune_model(lm, PruneConfig(ratio=ratio, **METHODS[method]), calib, progress=False)
     test = load_text(f"{data}/wikitext-2/wiki.test.raw", "eval")
     ppl = perplexity(lm.model, lm.tokenizer, test, 128, max_tokens=tokens, progress=False)
-    row = {"method": method, "ratio": ratio, "ppl": ppl["ppl"], "tokens": ppl["tokens_scored"],
+    row = {"ppl": ppl["ppl"], "tokens": ppl["tokens_scored"],
            "params": sum(p.numel() for p in lm.model.parameters()),
-           "decode_tok_s": decode_speed(lm.model, lm.tokenizer), "prune_seconds": record.get("seconds")}
+           "decode_tok_s": decode_speed(lm.model, lm.tokenizer)}
     if limit != 0:
         z = evaluate_tasks(lm.model, lm.tokenizer, TASKS, data, limit=limit, progress=False)
         row["zeroshot_avg_acc"] = z["average"]["acc"]
         row["zeroshot"] = {k: v["acc"] for k, v in z["tasks"].items()}
-    if record:
-        row["layer_shapes"] = record["layer_shapes"]
     return row
+
+
+def run_method(method: str, ratios: list[float], data: str, tokens: int, limit: int) -> None:
+    """One method at every ratio, in this process: round 1's scores and sensitivities (which see the dense model
+    whatever the ratio) are computed once and shared; every ratio is pruned from a fresh dense model."""
+    from edgeprune.data import load_text
+    from edgeprune.models import load
+    from edgeprune.prune import PruneConfig, prune_model
+
+    cache: dict = {}
+    calib = load_text(f"{data}/wikitext-2/tokens/valid.txt", "calib")
+    for ratio in ratios:
+        lm = load("default")
+        record = {}
+        if ratio > 0:
+            record = prune_model(lm, PruneConfig(ratio=ratio, **METHODS[method]), calib, progress=False,
+                                 cache=cache)
+        row = {"method": method, "ratio": ratio, **evaluate(lm, data, tokens, limit),
+               "prune_seconds": record.get("seconds"), "layer_shapes": record.get("layer_shapes")}
+        if record:
+            row["decoder_reduction"] = record["decoder_reduction"]
+            row["allocation"] = [r["allocation"] for r in record["rounds"]]
+            row["sensitivity"] = [r["sensitivity"] for r in record["rounds"]]
+        print("ROW " + json.dumps(row), flush=True)
 
 
 def main() -> None:
@@ -74,33 +90,38 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--tokens", type=int, default=GRID_TOKENS)
     ap.add_argument("--limit", type=int, default=100, help="zero-shot examples per task (0: skip zero-shot)")
-    ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=2, metavar=("METHOD", "RATIOS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     data = str(data_dir(args.data))
     if args.one:
-        print(json.dumps(run_one(args.one[0], float(args.one[1]), data, args.tokens, args.limit)))
+        run_method(args.one[0], [float(r) for r in args.one[1].split(",")], data, args.tokens, args.limit)
         return
     result = load_result("ablation") or {}
     if result.get("tokens") != args.tokens or result.get("limit") != args.limit:
         result = {"tokens": args.tokens, "limit": args.limit, "rows": {}}
-    jobs = [("dense", 0.0)] + [(m, float(r)) for r in args.ratios.split(",") for m in args.methods.split(",")]
-    for method, ratio in jobs:
-        if method != "dense" and method not in METHODS:
-            sys.exit(f"error: unknown method {method!r}; known: {', '.join(METHODS)}")
-        key = f"{method}@{ratio:g}"
-        if key in result["rows"]:
+    methods = args.methods.split(",")
+    for m in methods:
+        if m not in METHODS:
+            sys.exit(f"error: unknown method {m!r}; known: {', '.join(METHODS)}")
+    jobs = [("dense", "0")] + [(m, args.ratios) for m in methods]
+    for method, ratios in jobs:
+        todo = [r for r in ratios.split(",") if f"{method}@{float(r):g}" not in result["rows"]]
+        if not todo:
             continue
-        cmd = [sys.executable, __file__, "--one", method, str(ratio), "--data", data, "--tokens", str(args.tokens),
-               "--limit", str(args.limit)]
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [sys.executable, __file__, "--one", method, ",".join(todo), "--data", data, "--tokens",
+               str(args.tokens), "--limit", str(args.limit)]
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as p:
+            for line in p.stdout:
+                if not line.startswith("ROW "):
+                    continue
+                row = json.loads(line[4:])
+                key = f"{method}@{row['ratio']:g}"
+                result["rows"][key] = row
+                save("ablation", result)
+                print(f"{key}: PPL {row['ppl']:.2f}  zero-shot {row.get('zeroshot_avg_acc', float('nan')):.4f}  "
+                      f"{row['params'] / 1e6:.1f}M  {row['decode_tok_s']:.1f} tok/s", flush=True)
         if p.returncode != 0:
-            print(f"{key}: failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
-            continue
-        row = json.loads(p.stdout.strip().splitlines()[-1])
-        result["rows"][key] = row
-        save("ablation", result)
-        print(f"{key}: PPL {row['ppl']:.2f}  zero-shot {row.get('zeroshot_avg_acc', float('nan')):.4f}  "
-              f"{row['params'] / 1e6:.1f}M  {row['decode_tok_s']:.1f} tok/s", flush=True)
+            print(f"{method}: failed (exit {p.returncode})", flush=True)
 
 
 if __name__ == "__main__":

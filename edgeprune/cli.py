@@ -180,6 +180,9 @@ def prune(
     max_module_ratio: Annotated[float, typer.Option(help="LSPS: upper bound of a module's ratio")] = 0.8,
     bias_compensation: Annotated[bool, typer.Option("--bias-compensation",
                                                     help="add removed units' mean output to the bias (FLAP)")] = False,
+    reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct",
+                                              help="refit each pruned block's output projection by least squares "
+                                              "on the calibration text (includes the bias)")] = False,
     attn_unit: Annotated[str, typer.Option(help="attention unit: 'group' (KV head + its query heads) or "
                                            "'head' (query heads, same count from every group)")] = "group",
     round_to: Annotated[int, typer.Option(help="round kept MLP widths to a multiple of this")] = 1,
@@ -217,7 +220,7 @@ def prune(
         raise EdgePruneError("--probe-ratio must be in (0, 1)")
     cfg = PruneConfig(ratio, scorer, allocator, attn_unit, round_to, rounds, n_samples, calib_seq_len, seed,
                       _scorer_options(scorer, piem_weights), sensitivity, probe_ratio, tau, min_module_ratio,
-                      max_module_ratio, bias_compensation)
+                      max_module_ratio, bias_compensation, reconstruct)
     text = load_text(calib, "calib")
     lm = load(model)
     record = prune_model(lm, cfg, text)

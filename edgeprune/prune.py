@@ -12,6 +12,7 @@ from edgeprune.allocation.base import check_ratio
 from edgeprune.data import Text, calibration_batches
 from edgeprune.models.info import param_counts
 from edgeprune.plan import PruningPlan, compose
+from edgeprune.reconstruct import apply_plan_reconstruct
 from edgeprune.scoring import make_scorer, score_model
 from edgeprune.selection import build_plan
 from edgeprune.sensitivity import measure
@@ -36,6 +37,8 @@ class PruneConfig:
     min_module_ratio: float = 0.0
     max_module_ratio: float = 0.8
     bias_compensation: bool = False
+    reconstruct: bool = False  # least-squares refit of o_proj/down_proj on calibration text (reconstruct.py)
+    damp: float = 1e-3
     sensitivity_samples: int = 16  # calibration windows for the loss probe (a subset of the calibration set)
 
 
@@ -66,9 +69,19 @@ def compensation_biases(adapter, plan: PruningPlan, means: dict) -> tuple[dict, 
     return attn, mlp
 
 
-def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True) -> dict:
+def _dense_key(cfg: PruneConfig, calib: Text) -> tuple:
+    """What round 1's scores and sensitivities depend on (not the ratio: round 1 always sees the dense model)."""
+    return (cfg.scorer, tuple(sorted(cfg.scorer_options.items())), cfg.allocator == "lsps", cfg.sensitivity,
+            cfg.probe_ratio, cfg.attn_unit, cfg.n_samples, cfg.seq_len, cfg.seed, cfg.sensitivity_samples,
+            cfg.bias_compensation and not cfg.reconstruct, calib.sha256)
+
+
+def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache: dict | None = None) -> dict:
     """Prune ``lm`` in place. Returns a JSON-ready record (plan in original indices, allocation, sensitivities,
-    parameter counts, timings)."""
+    parameter counts, timings).
+
+    ``cache``: a dict shared between calls that prune the same dense model (an ablation over ratios): round 1's
+    scores and sensitivities depend on the dense model and the calibration, not on the ratio, and are reused."""
     import resource
 
     check_ratio(cfg.ratio)
@@ -89,13 +102,19 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True) -> dic
         target = cfg.ratio * base_prunable * r / cfg.rounds
         now = _prunable(lm.adapter)
         round_ratio = min(max(0.0, (target - (base_prunable - now)) / now), 0.999)
-        means = {} if cfg.bias_compensation else None
-        scores = score_model(lm.adapter, scorer, batches, progress=progress,
-                             keep_gradients=cfg.sensitivity == "fisher", compensation=means)
-        sens = None
-        if cfg.allocator == "lsps":
-            sens = measure(cfg.sensitivity, lm.adapter, scores, probe, cfg.probe_ratio, cfg.attn_unit,
-                           grads=getattr(scores, "gradients", None), progress=progress)
+        key = _dense_key(cfg, calib) if r == 1 else None
+        if cache is not None and key in cache:
+            scores, sens, means = cache[key]
+        else:
+            means = {} if cfg.bias_compensation and not cfg.reconstruct else None
+            scores = score_model(lm.adapter, scorer, batches, progress=progress,
+                                 keep_gradients=cfg.sensitivity == "fisher", compensation=means)
+            sens = None
+            if cfg.allocator == "lsps":
+                sens = measure(cfg.sensitivity, lm.adapter, scores, probe, cfg.probe_ratio, cfg.attn_unit,
+                               grads=getattr(scores, "gradients", None), progress=progress)
+            if cache is not None and key is not None:
+                cache[key] = (scores, sens, means)
         options = {}
         if cfg.allocator == "lsps":
             options = {"tau": cfg.tau, "min_ratio": min(cfg.min_module_ratio, round_ratio),
@@ -103,8 +122,11 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True) -> dic
         alloc = allocate(cfg.allocator, lm.adapter, round_ratio, scores=scores, sensitivities=sens,
                          attn_unit=cfg.attn_unit, round_to=cfg.round_to, **options)
         step = build_plan(lm.adapter, scores, alloc)
-        biases = compensation_biases(lm.adapter, step, means) if means is not None else ({}, {})
-        apply_plan(lm.adapter, step, attention_bias=biases[0], mlp_bias=biases[1])
+        if cfg.reconstruct:  # subsumes bias compensation (the refit includes the bias)
+            apply_plan_reconstruct(lm.adapter, step, batches, damp=cfg.damp, progress=progress)
+        else:
+            biases = compensation_biases(lm.adapter, step, means) if means is not None else ({}, {})
+            apply_plan(lm.adapter, step, attention_bias=biases[0], mlp_bias=biases[1])
         scores.gradients = None
         plan = compose(plan, step)
         rounds.append({"round": r, "ratio_of_current": round_ratio, "allocation": alloc.to_dict(),

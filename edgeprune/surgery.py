@@ -42,28 +42,46 @@ def apply_plan(adapter, plan: PruningPlan, attention_bias: dict | None = None,
         for layer, lp in zip(adapter.layers, plan.layers, strict=True):
             if lp.drop:
                 continue
-            if layer.has_attention:
-                a_bias = attention_bias.get(lp.index)
-                if not lp.kv_heads:
-                    layer.remove_attention(out_bias=a_bias)
-                elif lp.heads != list(range(layer.num_heads)) or a_bias is not None:
-                    q, k, v, o = layer.attention_projections()
-                    hd = layer.head_dim
-                    qi, kvi = _dims(lp.heads, hd), _dims(lp.kv_heads, hd)
-                    new_o = _cols(o, qi)
-                    layer.replace_attention(_rows(q, qi), _rows(k, kvi), _rows(v, kvi), _with_bias(new_o, a_bias))
-            if layer.has_mlp:
-                m_bias = mlp_bias.get(lp.index)
-                if not lp.channels:
-                    layer.remove_mlp(out_bias=m_bias)
-                elif lp.channels != list(range(layer.intermediate_size)) or m_bias is not None:
-                    gate, up, down = layer.mlp_projections()
-                    ci = torch.tensor(lp.channels, dtype=torch.long)
-                    layer.replace_mlp(_rows(gate, ci), _rows(up, ci), _with_bias(_cols(down, ci), m_bias))
+            cut_attention(layer, lp, attention_bias.get(lp.index))
+            cut_mlp(layer, lp, mlp_bias.get(lp.index))
     drops = [lp.index for lp in plan.layers if lp.drop]
     if drops:
         adapter.drop_layers(drops)
     adapter.sync_config()
+
+
+def cut_attention(layer, lp, bias: torch.Tensor | None = None) -> bool:
+    """Cut one layer's attention block to the plan's kept heads (adding ``bias`` to the output projection).
+    Returns whether anything changed."""
+    if not layer.has_attention:
+        return False
+    if not lp.kv_heads:
+        layer.remove_attention(out_bias=bias)
+        return True
+    if lp.heads == list(range(layer.num_heads)) and bias is None:
+        return False
+    with torch.no_grad():
+        q, k, v, o = layer.attention_projections()
+        hd = layer.head_dim
+        qi, kvi = _dims(lp.heads, hd), _dims(lp.kv_heads, hd)
+        layer.replace_attention(_rows(q, qi), _rows(k, kvi), _rows(v, kvi), _with_bias(_cols(o, qi), bias))
+    return True
+
+
+def cut_mlp(layer, lp, bias: torch.Tensor | None = None) -> bool:
+    """Cut one layer's MLP block to the plan's kept channels (adding ``bias`` to the down projection)."""
+    if not layer.has_mlp:
+        return False
+    if not lp.channels:
+        layer.remove_mlp(out_bias=bias)
+        return True
+    if lp.channels == list(range(layer.intermediate_size)) and bias is None:
+        return False
+    with torch.no_grad():
+        gate, up, down = layer.mlp_projections()
+        ci = torch.tensor(lp.channels, dtype=torch.long)
+        layer.replace_mlp(_rows(gate, ci), _rows(up, ci), _with_bias(_cols(down, ci), bias))
+    return True
 
 
 def _with_bias(lin: nn.Linear, extra: torch.Tensor | None) -> nn.Linear:
