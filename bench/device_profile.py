@@ -2,10 +2,10 @@
 `edgeprune profile ARTIFACT --device cpu`). Writes bench/results/profile.json; rows are merged by label, so a run
 with --only replaces just those rows.
 
-    python bench/profile.py                                  # dense and pruned-20 x gguf q8_0, onnx int8
-    python bench/profile.py --only dense-gguf-q8_0           # one row (its artifact is exported if missing)
-    python bench/profile.py --formats gguf:q8_0,gguf:f16,onnx:int8,onnx:fp32 --repeats 5
-    python bench/profile.py --artifact mine=artifacts/x ...  # any artifact directories, LABEL=DIR
+    python bench/device_profile.py                                  # dense and pruned-20 x gguf q8_0, onnx int8
+    python bench/device_profile.py --only dense-gguf-q8_0           # one row (its artifact is exported if missing)
+    python bench/device_profile.py --formats gguf:q8_0,gguf:f16,onnx:int8,onnx:fp32 --repeats 5
+    python bench/device_profile.py --artifact mine=artifacts/x ...  # any artifact directories, LABEL=DIR
 
 Missing artifacts are built with the CLI: the dense model is `default`; pruned-R is `edgeprune prune default
 --ratio R --scorer piem --allocator lsps --sensitivity bi` calibrated on WikiText-2 valid (or the built-in text when
