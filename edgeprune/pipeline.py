@@ -82,6 +82,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "tasks_dir": "",  # directory with the task files ('' = $EDGEPRUNE_TASKS_DIR)
         "limit": 0,  # first N examples per task; 0: all
         "artifacts": True,  # PPL of every exported artifact in its runtime
+        "threads": 0,  # runtime threads for the artifacts' PPL (0: the runtime's choice; not part of any key)
     },
     "export": {
         "artifacts": ["gguf:q8_0", "onnx:int8"],  # FORMAT:DTYPE, each for the baseline and the pruned model
@@ -486,7 +487,7 @@ class Pipeline:
         pcfg = prune_config(cfg["prune"])
         targets = artifact_targets(cfg)
         ev = cfg["evaluate"]
-        if ev["seq_len"] < 2 or ev["batch_size"] < 1 or ev["max_tokens"] < 0 or ev["limit"] < 0:
+        if ev["seq_len"] < 2 or ev["batch_size"] < 1 or min(ev["max_tokens"], ev["limit"], ev["threads"]) < 0:
             raise EdgePruneError("evaluate.seq_len must be at least 2, batch_size at least 1, max_tokens and "
                                  "limit at least 0")
         prof = cfg["profile"]
@@ -557,6 +558,11 @@ class Pipeline:
     def run(self) -> RunResult:
         stages = self.plan()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        with _run_lock(self.run_dir):
+            _remove_leftovers(self.run_dir)
+            return self._run(stages)
+
+    def _run(self, stages: list[Stage]) -> RunResult:
         (self.run_dir / "config.toml").write_text(dump_toml(self.cfg))
         self.statuses = [StageStatus(s.name, "pending", "") for s in stages]
         self._write_manifest("running")
@@ -670,14 +676,14 @@ class Pipeline:
 
                 if ids is None:
                     raise EdgePruneError(f"no tokenizer.json in {art}")
-                r = OrtGenerator(art).perplexity(ids, ev["seq_len"], max_tokens=max_tokens,
-                                                 batch_size=ev["batch_size"])
+                gen = OrtGenerator(art, threads=ev["threads"] or None)
+                r = gen.perplexity(ids, ev["seq_len"], max_tokens=max_tokens, batch_size=ev["batch_size"])
                 r["runtime"] = "onnxruntime"
             else:
                 from edgeprune.export.gguf import gguf_perplexity
 
                 r = gguf_perplexity(art / "model.gguf", self.eval_text, ev["seq_len"], max_tokens,
-                                    token_ids=ids)
+                                    token_ids=ids, n_threads=ev["threads"] or None)
                 r["runtime"] = "llama.cpp"
         r.update(text=self.eval_text.name, text_sha256=self.eval_text.sha256, variant=variant, format=fmt,
                  dtype=dtype)
@@ -691,7 +697,7 @@ class Pipeline:
             raw = profile_artifact(art, prof, out / "profile.json")
         return {"variant": variant, "format": fmt, "dtype": dtype, "device": prof["device"],
                 **summarize_profile(raw, prof["prompt_tokens"]), "profile": "profile.json",
-                "profiler": raw.get("schema") or raw.get("profiler")}
+                "profiler": raw.get("schema") or raw.get("profiler"), "warnings": raw.get("warnings") or []}
 
     def _report(self, out: Path) -> dict:
         from edgeprune.report import write_report
@@ -705,6 +711,40 @@ class Pipeline:
             (inputs / "ablation.json").unlink()
         paths = write_report(self.run_dir, out, stage_results=self.results)
         return {name: str(p.relative_to(out)) for name, p in paths.items()}
+
+
+class _run_lock:
+    """One run per run directory at a time (an advisory lock on RUN_DIR/.lock, released when the process ends)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.f = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return self
+        self.f = open(self.path, "w")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.close()
+            raise EdgePruneError(f"another `edgeprune run` is using {self.path.parent}") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.f is not None:
+            self.f.close()
+        return False
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """Temp directories of a run that was killed mid-stage (SIGKILL, power loss): never a complete stage."""
+    for parent in (run_dir, run_dir / "stages"):
+        for p in list(parent.glob(".*.tmp")) + list(parent.glob(".*.old-*")):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
 
 
 class _null:

@@ -390,7 +390,8 @@ def make_plots(data: dict) -> dict[str, bytes]:
         a1.grid(True, axis="y", alpha=0.3)
         plotted = False
         keys = [("sensitivity", "-"), ("block_influence", "--")]
-        if all(lay.get("sensitivity") == lay.get("block_influence") for lay in layers):
+        if all(lay.get("sensitivity") == {k: (lay.get("block_influence") or {}).get(k) for k in ("attention", "mlp")}
+               for lay in layers):
             keys = keys[:1]  # sensitivity 'bi' is the Block Influence: one set of lines
         for key, style in keys:
             for part, color in (("attention", "#ff7f0e"), ("mlp", "#1f77b4")):
@@ -514,10 +515,11 @@ def update_readme(readme: str | Path, data: dict) -> None:
         text = path.read_text()
     except OSError as e:
         raise EdgePruneError(f"cannot read {path}: {e.strerror}") from None
-    if README_START not in text or README_END not in text:
-        raise EdgePruneError(f"{path} has no '{README_START}' ... '{README_END}' block")
-    head, _, rest = text.partition(README_START)
-    _, _, tail = rest.partition(README_END)
+    # the markers on lines of their own (prose may mention them)
+    m = re.search(rf"^{re.escape(README_START)}[ \t]*\n(?:.*\n)*?{re.escape(README_END)}[ \t]*$", text, re.M)
+    if m is None:
+        raise EdgePruneError(f"{path} has no '{README_START}' ... '{README_END}' block (each marker on a line of "
+                             "its own)")
     block = (f"{README_START}\n<!-- written by `edgeprune report {data['run_dir']} --readme {path.name}`; "
              f"do not edit by hand -->\n{readme_table(data)}{README_END}")
-    path.write_text(head + block + tail)
+    path.write_text(text[:m.start()] + block + text[m.end():])

@@ -33,6 +33,7 @@ seq_len = 64
 [evaluate]
 seq_len = 64
 max_tokens = 1024
+threads = 1
 
 [export]
 artifacts = ["gguf:f32", "onnx:fp32"]
@@ -41,6 +42,7 @@ artifacts = ["gguf:f32", "onnx:fp32"]
 prompt_tokens = 16
 new_tokens = 4
 repeats = 1
+threads = 1
 
 [report]
 ablation = ""
@@ -180,7 +182,11 @@ def test_interrupted_run_resumes(first_run, tiny_config, tmp_path, monkeypatch):
     man = json.loads((run / "manifest.json").read_text())
     assert man["status"] == "interrupted"
     monkeypatch.undo()
+    killed = run / "stages" / ".export-pruned-onnx-fp32.abc123.tmp"  # what SIGKILL mid-stage would leave
+    killed.mkdir()
+    (killed / "model.onnx").write_text("half")
     s = statuses(run_pipeline(cfg, progress=False))
+    assert not killed.exists()
     # only the missing export is recomputed; its downstream stages' inputs (the artifact) are the same
     computed = {k for k, v in s.items() if v == "computed"}
     assert computed == {"export-pruned-onnx-fp32"}
@@ -245,6 +251,20 @@ def test_plan_errors_before_any_work(tmp_path, overrides, needle):
         Pipeline(cfg, progress=False).run()
     assert needle in str(e.value)
     assert not (tmp_path / "run" / "stages").exists()  # nothing ran
+
+
+def test_one_run_per_directory(tmp_path):
+    import fcntl
+
+    run, model = tmp_path / "run", tmp_path / "model"
+    run.mkdir()
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # planning hashes the files, it does not load them
+    with open(run / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(EdgePruneError, match="another `edgeprune run` is using"):
+            Pipeline(load_config(None, ["export.artifacts=[]"], out=run, model=str(model)), progress=False).run()
+    assert not (run / "stages").exists()
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -140,11 +140,12 @@ def test_report_without_optional_parts(run_dir):
 
 def test_readme_block_is_rewritten(run_dir, tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\nbefore\n{README_START}\nold table\n{README_END}\nafter\n")
+    readme.write_text(f"# x\n\nbefore `{README_START}` in prose\n{README_START}\nold table\n{README_END}\nafter\n")
     update_readme(readme, collect(run_dir))
     text = readme.read_text()
-    assert "old table" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
-    block = text.split(README_START)[1].split(README_END)[0]
+    assert "old table" not in text and text.endswith("after\n")
+    assert text.startswith(f"# x\n\nbefore `{README_START}` in prose\n{README_START}\n<!-- written by")
+    block = text.split(README_START + "\n")[1].split(README_END)[0]
     assert "31.42" in block and "GGUF q8_0" in block and "pruned 20%" in block
     update_readme(readme, collect(run_dir))  # idempotent
     assert readme.read_text() == text
