@@ -132,6 +132,25 @@ def test_changed_ratio_recomputes_the_pruned_side_only(first_run, tiny_config, t
     assert report["prune"]["config"]["ratio"] == 0.4
 
 
+def test_zero_shot_recomputes_the_evaluations_only(first_run, tiny_config, tmp_path):
+    tasks = tmp_path / "tasks" / "arc_easy"
+    tasks.mkdir(parents=True)
+    rows = [{"query": f"Question: what is {i} plus one?", "choices": [str(i + 1), str(i + 7)], "gold": 0}
+            for i in range(3)]
+    (tasks / "arc_easy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    shutil.copytree(first_run.run_dir, run)
+    result = run_pipeline(load_config(tiny_config, ["evaluate.tasks=arc_easy", f"evaluate.tasks_dir={tasks.parent}",
+                                                    "evaluate.limit=2"], out=run), progress=False)
+    s = statuses(result)
+    assert {k for k, v in s.items() if v == "computed"} == {"eval-baseline", "eval-pruned", "report"}
+    assert result.results["eval-pruned"]["zeroshot"]["tasks"]["arc_easy"]["n"] == 2
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["models"]["baseline"]["zeroshot"]["arc_easy"] == result.results["eval-baseline"]["zeroshot"][
+        "tasks"]["arc_easy"]["acc"]
+    assert "Zero-shot accuracy" in (run / "report" / "report.md").read_text()
+
+
 def test_failed_stage_stops_keeps_earlier_stages_and_resumes(first_run, tiny_config, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(first_run.run_dir, run)
