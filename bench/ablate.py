@@ -17,17 +17,21 @@ import time
 
 from common import GRID_TOKENS, data_dir, load_result, save
 
-# name -> prune options (PruneConfig fields)
+# name -> prune options (PruneConfig fields). Published baselines run as published (FLAP with its bias
+# compensation); PIEM alone / LSPS alone / both share the least-squares refit so the rows isolate the scorer and
+# the allocator, and the last row removes the refit from the full method.
+OURS = dict(scorer="piem", allocator="lsps", sensitivity="bi", reconstruct=True)
 METHODS = {
     "magnitude+uniform": dict(scorer="magnitude", allocator="uniform"),
     "taylor+uniform (LLM-Pruner)": dict(scorer="taylor", allocator="uniform"),
     "wanda-sp+uniform": dict(scorer="wanda-sp", allocator="uniform"),
     "FLAP (fluctuation+global+bias)": dict(scorer="fluctuation", allocator="global", bias_compensation=True),
-    "PIEM+uniform (PIEM alone)": dict(scorer="piem", allocator="uniform"),
-    "magnitude+LSPS (LSPS alone)": dict(scorer="magnitude", allocator="lsps"),
-    "PIEM+LSPS one-shot": dict(scorer="piem", allocator="lsps"),
-    "PIEM+LSPS multi-round (K=3)": dict(scorer="piem", allocator="lsps", rounds=3),
-    "depth (ShortGPT, Block Influence)": dict(scorer="fluctuation", allocator="depth"),
+    "depth (ShortGPT: Block Influence)": dict(scorer="fluctuation", allocator="depth"),
+    "PIEM+uniform (PIEM alone)": dict(scorer="piem", allocator="uniform", reconstruct=True),
+    "magnitude+LSPS (LSPS alone)": dict(scorer="magnitude", allocator="lsps", sensitivity="bi", reconstruct=True),
+    "PIEM+LSPS one-shot": OURS,
+    "PIEM+LSPS multi-round (K=2)": dict(OURS, rounds=2),
+    "PIEM+LSPS multi-round (K=2) without refit": dict(OURS, rounds=2, reconstruct=False),
 }
 
 

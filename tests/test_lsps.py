@@ -126,3 +126,17 @@ def test_bias_compensation_restores_the_mean_output(tiny, batches):
     apply_plan(tiny.adapter, plan, attention_bias=attn, mlp_bias=mlp)
     down = tiny.adapter.layers[0].mlp_projections()[2]
     assert down.bias is not None and torch.allclose(down.bias, mlp[0])
+
+
+def test_shared_round1_cache_matches_fresh_runs():
+    """An ablation shares round 1's scores and sensitivities across ratios: same plans as separate runs."""
+    from edgeprune.models.tiny import build_tiny
+
+    text = load_text("builtin", "calib")
+    cache: dict = {}
+    for ratio in (0.2, 0.4):
+        cfg = PruneConfig(ratio, "piem", "lsps", n_samples=8, seq_len=32, reconstruct=True, rounds=2)
+        shared = prune_model(build_tiny("llama"), cfg, text, progress=False, cache=cache)
+        fresh = prune_model(build_tiny("llama"), cfg, text, progress=False)
+        assert shared["plan"]["layers"] == fresh["plan"]["layers"]
+    assert len(cache) == 1
