@@ -5,6 +5,9 @@ CPU. Each method runs in its own process, which prunes every ratio from a fresh 
 bench/results/ablation.json; `python bench/report.py` renders it.
 
     python bench/ablate.py [--data ../shared/data] [--ratios 0.2,0.3,0.5] [--methods a,b] [--limit 100]
+
+Several processes with disjoint --methods may run at once (rows are merged on save); with more processes than
+cores, give each one thread (OMP_NUM_THREADS=1).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ def evaluate(lm, data: str, tokens: int, limit: int) -> dict:
     row = {"ppl": ppl["ppl"], "tokens": ppl["tokens_scored"],
            "params": sum(p.numel() for p in lm.model.parameters()),
            "decode_tok_s": decode_speed(lm.model, lm.tokenizer)}
+    row["zeroshot_limit"] = limit
     if limit != 0:
         z = evaluate_tasks(lm.model, lm.tokenizer, TASKS, data, limit=limit, progress=False)
         row["zeroshot_avg_acc"] = z["average"]["acc"]
@@ -93,7 +97,8 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.2,0.3,0.5")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--tokens", type=int, default=GRID_TOKENS)
-    ap.add_argument("--limit", type=int, default=100, help="zero-shot examples per task (0: skip zero-shot)")
+    ap.add_argument("--limit", type=int, default=100,
+                    help="zero-shot examples per task (0: skip zero-shot; rows that have it keep it)")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "RATIOS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     data = str(data_dir(args.data))
@@ -101,15 +106,20 @@ def main() -> None:
         run_method(args.one[0], [float(r) for r in args.one[1].split(",")], data, args.tokens, args.limit)
         return
     result = load_result("ablation") or {}
-    if result.get("tokens") != args.tokens or result.get("limit") != args.limit:
-        result = {"tokens": args.tokens, "limit": args.limit, "rows": {}}
+    if result.get("tokens") != args.tokens:
+        result = {"tokens": args.tokens, "rows": {}}
+
+    def done(key: str) -> bool:  # a row is reused unless this run asks for zero-shot it lacks
+        row = result["rows"].get(key)
+        return row is not None and (args.limit == 0 or row.get("zeroshot_limit") == args.limit)
+
     methods = args.methods.split(",")
     for m in methods:
         if m not in METHODS:
             sys.exit(f"error: unknown method {m!r}; known: {', '.join(METHODS)}")
     jobs = [("dense", "0")] + [(m, args.ratios) for m in methods]
     for method, ratios in jobs:
-        todo = [r for r in ratios.split(",") if f"{method}@{float(r):g}" not in result["rows"]]
+        todo = [r for r in ratios.split(",") if not done(f"{method}@{float(r):g}")]
         if not todo:
             continue
         cmd = [sys.executable, __file__, "--one", method, ",".join(todo), "--data", data, "--tokens",
@@ -121,6 +131,10 @@ def main() -> None:
                 row = json.loads(line[4:])
                 key = f"{method}@{row['ratio']:g}"
                 result["rows"][key] = row
+                # merge with rows other ablate processes (other --methods) saved meanwhile
+                latest = load_result("ablation") or {}
+                if latest.get("tokens") == args.tokens:
+                    result["rows"] = {**latest["rows"], key: row}
                 save("ablation", result)
                 print(f"{key}: PPL {row['ppl']:.2f}  zero-shot {row.get('zeroshot_avg_acc', float('nan')):.4f}  "
                       f"{row['params'] / 1e6:.1f}M  {row['decode_tok_s']:.1f} tok/s", flush=True)

@@ -92,12 +92,14 @@ def ablation_section(a: dict) -> list[str]:
     dense = rows.get("dense@0")
     ratios = sorted({r["ratio"] for r in rows.values() if r["ratio"] > 0})
     methods = list(dict.fromkeys(r["method"] for r in rows.values() if r["ratio"] > 0))
+    limits = sorted({r["zeroshot_limit"] for r in rows.values() if r.get("zeroshot_limit")})
     lines = ["## Ablation: scorers x allocators x rounds (`bench/ablate.py`)", "",
              f"Each row pruned from the dense model with WikiText-2 valid calibration (64 windows of 128 tokens); "
              f"PPL on the first {a['tokens']:,} WikiText-2 test tokens (seq 128, the same windows in every row); "
              f"zero-shot = mean acc over PIQA, ARC-e, ARC-c, BoolQ, OpenBookQA"
-             + (f", first {a['limit']} examples each (time-limited; small samples, so differences under a few "
-                f"points are noise)" if a.get("limit") else "")
+             + (f", first {', '.join(map(str, limits))} examples each, for the rows that show it (CPU time "
+                f"limited it to headline rows; small samples, so differences under a few points are noise)"
+                if limits else "")
              + "; decode = greedy tokens/s of the PyTorch model on this CPU (batch 1, measured while other jobs "
              "shared the 2 cores: compare within a column only). `refit` = least-squares reconstruction "
              "(README, Reconstruction).", ""]

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgeprune.devices.llama_generate import _no_extra_buffer_types
 
 from edgeprune.errors import EdgePruneError, first_line
 from edgeprune.io import check_writable_parent, sha256_file
@@ -750,27 +751,6 @@ def gguf_dtype(gguf_path) -> str:
 # ------------------------------------------------------------------------------------------------ checks
 
 
-@contextlib.contextmanager
-def _no_extra_buffer_types(llama_cpp):
-    """Load with ``use_extra_bufts = False``. With the CPU's extra buffer types (AMX / repacked weights) the
-    bundled llama.cpp segfaulted in llama_decode on every quantized GGUF tried here (our Q8_0, llama.cpp's own
-    Q8_0 and the default model's Q4_1 file; CPU with AMX_INT8). llama-cpp-python does not expose the flag, so
-    its default-params function is wrapped while the model loads."""
-    low = llama_cpp.llama_cpp
-    orig = low.llama_model_default_params
-
-    def params():
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    low.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        low.llama_model_default_params = orig
-
-
 def _llama(gguf_path, n_ctx: int, n_threads: int | None = None):
     """A llama.cpp context that keeps every token's logits and an f32 KV cache (so that the comparison
     measures the weights' format only). Extra CPU buffer types stay on for f32/f16 files (4x faster f16
@@ -784,6 +764,8 @@ def _llama(gguf_path, n_ctx: int, n_threads: int | None = None):
         raise EdgePruneError(f"GGUF file not found: {path}")
     quantized = gguf_dtype(path) not in ("f32", "f16")
     try:
+        # with the CPU's extra buffer types (AMX / repacked weights) the bundled llama.cpp segfaulted in
+        # llama_decode on every quantized GGUF tried here (ours, llama.cpp's own Q8_0, the default Q4_1 file)
         with _no_extra_buffer_types(llama_cpp) if quantized else contextlib.nullcontext():
             return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
                                    n_threads=n_threads, n_threads_batch=n_threads, type_k=0, type_v=0, seed=0,

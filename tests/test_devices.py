@@ -18,32 +18,6 @@ DEVICES = Path(profiler.__file__).resolve().parent
 QUICK = ["--threads", "1", "--prompt-lengths", "8,16", "--new-tokens", "4", "--repeats", "2", "--warmup", "1"]
 
 
-def build_tiny_artifacts(tmp_path_factory) -> dict:
-    """One tiny fp32 GGUF and ONNX artifact per test session (shared with test_ship.py through the directory)."""
-    root = tmp_path_factory.getbasetemp() / "tiny-device-artifacts"
-    out = {"gguf": root / "tiny-gguf-f32", "onnx": root / "tiny-onnx-fp32"}
-    if all((p / "manifest.json").is_file() for p in out.values()):
-        return out
-    pytest.importorskip("llama_cpp")
-    from edgeprune.export.artifacts import export_artifact
-
-    from edgeprune.checkpoint import save_checkpoint
-    from edgeprune.models.tiny import build_tiny
-
-    ck = root / "checkpoint"
-    if not (ck / "manifest.json").is_file():
-        save_checkpoint(build_tiny("llama"), ck, {})
-    for fmt, path in out.items():
-        if not (path / "manifest.json").is_file():
-            export_artifact(str(ck), fmt, "fp32", path)
-    return out
-
-
-@pytest.fixture(scope="session")
-def artifacts(tmp_path_factory):
-    return build_tiny_artifacts(tmp_path_factory)
-
-
 def cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "edgeprune", *args], capture_output=True, text=True,
                           timeout=timeout)

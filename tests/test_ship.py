@@ -32,32 +32,6 @@ pytestmark = [
 ]
 
 
-def build_tiny_artifacts(tmp_path_factory) -> dict:
-    """The same session-wide tiny artifacts as test_devices.py (built once, whichever module asks first)."""
-    root = tmp_path_factory.getbasetemp() / "tiny-device-artifacts"
-    out = {"gguf": root / "tiny-gguf-f32", "onnx": root / "tiny-onnx-fp32"}
-    if all((p / "manifest.json").is_file() for p in out.values()):
-        return out
-    pytest.importorskip("llama_cpp")
-    from edgeprune.export.artifacts import export_artifact
-
-    from edgeprune.checkpoint import save_checkpoint
-    from edgeprune.models.tiny import build_tiny
-
-    ck = root / "checkpoint"
-    if not (ck / "manifest.json").is_file():
-        save_checkpoint(build_tiny("llama"), ck, {})
-    for fmt, path in out.items():
-        if not (path / "manifest.json").is_file():
-            export_artifact(str(ck), fmt, "fp32", path)
-    return out
-
-
-@pytest.fixture(scope="session")
-def artifacts(tmp_path_factory):
-    return build_tiny_artifacts(tmp_path_factory)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
