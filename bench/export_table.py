@@ -44,10 +44,6 @@ from pathlib import Path
 
 from common import DEFAULT_DATA, ROOT, load_result, save
 
-# bench/profile.py shadows the standard library's `profile` (which cProfile, hence transformers' generation code,
-# imports): once `common` is imported, this directory leaves the import path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 NAME = "export"
 TOKENS = 8192
 SEQ_LEN = 128
