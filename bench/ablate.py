@@ -108,6 +108,10 @@ def main() -> None:
     result = load_result("ablation") or {}
     if result.get("tokens") != args.tokens:
         result = {"tokens": args.tokens, "rows": {}}
+    from edgeprune.scoring.scorers import PIEMScorer
+
+    d = PIEMScorer()
+    result["piem_weights"] = [d.alpha, d.beta, d.gamma]
 
     def done(key: str) -> bool:  # a row is reused unless this run asks for zero-shot it lacks
         row = result["rows"].get(key)

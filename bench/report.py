@@ -52,6 +52,9 @@ def scorers_section(s: dict, baseline: dict | None) -> list[str]:
              "|---|" + "---|" * (len(ratios) + 2)]
     for name, run in runs.items():
         cells = " | ".join(_fmt_ppl(r["ppl"]) for r in run["rows"])
+        w = run.get("described", {})
+        if "alpha" in w:
+            name = f"{name} ({w['alpha']:g}, {w['beta']:g}, {w['gamma']:g})"
         lines.append(f"| {name} | {cells} | {run['scoring_seconds']:.0f} | {run['peak_rss_mib']:.0f} |")
     lines += ["", "\\* wall time of scoring 64 x 128 calibration tokens, including the gradient pass where the scorer "
               "needs one; these runs shared the 2 cores with other jobs, so the times are upper bounds. Peak RSS "
@@ -66,8 +69,9 @@ def piem_terms_section(t: dict) -> list[str]:
     ratios = list(next(iter(rows.values()))["ppl"])
     lines = ["## PIEM terms and default weights (`bench/piem_terms.py`)", "",
              "W = weight term, G = gradient term, C = contextual term (see README); weights (alpha, beta, gamma). "
-             f"Uniform allocation, the same {t['tokens']:,} WikiText-2 test tokens as above; the three terms are "
-             f"computed once ({t['scoring_seconds']:.0f} s) and recombined per row.", "",
+             f"Uniform allocation, no refit; PPL on the first {t['tokens']:,} WikiText-2 raw test tokens (seq 128, "
+             f"the same windows in every row); the three terms are computed once ({t['scoring_seconds']:.0f} s, "
+             f"on a shared CPU) and recombined per row.", "",
              "| terms | (alpha, beta, gamma) | " + " | ".join(f"PPL @ {float(r):.0%}" for r in ratios) + " |",
              "|---|---|" + "---|" * len(ratios)]
     best = min(rows, key=lambda k: sum(rows[k]["ppl"].values()))
@@ -75,8 +79,11 @@ def piem_terms_section(t: dict) -> list[str]:
         w = ", ".join(f"{x:g}" for x in row["weights"])
         cells = " | ".join(_fmt_ppl(row["ppl"][r]) for r in ratios)
         lines.append(f"| {'**' + name + '**' if name == best else name} | ({w}) | {cells} |")
-    lines += ["", f"Lowest summed PPL among these rows: **{best}**. The current default (0.1, 0.3, 0.6) is the "
-              "`piem` row of the scorer table above."
+    from edgeprune.scoring.scorers import PIEMScorer
+
+    d = PIEMScorer()
+    default = f"({d.alpha:g}, {d.beta:g}, {d.gamma:g})"
+    lines += ["", f"Lowest summed PPL among these rows: **{best}**. PIEM's default weights are {default}."
               + (" Rows of the full grid (pairs, triples) not yet measured: "
                  + ", ".join(k for k in _GRID_NAMES if k not in rows) + "." if set(_GRID_NAMES) - set(rows) else ""),
               ""]
@@ -84,6 +91,11 @@ def piem_terms_section(t: dict) -> list[str]:
 
 
 TARGET_METHOD = "PIEM+LSPS multi-round"
+
+
+def _piem_weights(a: dict) -> str:
+    w = a.get("piem_weights")
+    return "(" + ", ".join(f"{x:g}" for x in w) + ")" if w else "PIEM's defaults at the time of the run"
 TARGET_FACTOR = 1.25
 
 
@@ -102,7 +114,8 @@ def ablation_section(a: dict) -> list[str]:
                 if limits else "")
              + "; decode = greedy tokens/s of the PyTorch model on this CPU (batch 1, measured while other jobs "
              "shared the 2 cores: compare within a column only). `refit` = least-squares reconstruction "
-             "(README, Reconstruction).", ""]
+             "(README, Reconstruction). PIEM rows use PIEM's weights (alpha, beta, gamma) = "
+             f"{_piem_weights(a)}; LSPS rows use Block Influence sensitivity, tau 1.", ""]
     head = "| method | " + " | ".join(f"PPL @ {r:.0%}" for r in ratios) + " | " + \
         " | ".join(f"zero-shot @ {r:.0%}" for r in ratios) + " | " + " | ".join(f"params @ {r:.0%} (M)" for r in ratios) \
         + " | " + " | ".join(f"decode tok/s @ {r:.0%}" for r in ratios) + " |"
@@ -181,6 +194,41 @@ def _plot_ablation(rows, methods, ratios, dense, path) -> None:
     plt.close(fig)
 
 
+def profile_section(p: dict) -> list[str]:
+    """bench/device_profile.py's rows: the device profiler on this CPU, and pruned vs dense per format/dtype."""
+    rows = {r["label"]: r for r in p["rows"]}
+    s = p.get("settings", {})
+    lines = ["## On-device profile, this CPU (`bench/device_profile.py`)", "",
+             f"The torch-free device profiler (`edgeprune profile ARTIFACT --device {p.get('device', 'cpu')}`), "
+             f"{s.get('threads', '?')} thread(s), {s.get('repeats', '?')} repeats (medians), decode of "
+             f"{s.get('new_tokens', '?')} tokens. Load averages at start/end of each row are listed: this 2-core "
+             "machine was shared, so compare rows measured under similar load.", "",
+             "| artifact | size MiB | load s | TTFT ms (128 tok) | decode tok/s | decode ms p50 / p95 | peak RSS MiB "
+             "| load avg |", "|---|---|---|---|---|---|---|---|"]
+    for label, r in rows.items():
+        ttft = r.get("ttft_ms", {})
+        t128 = ttft.get("128", ttft.get(128)) if isinstance(ttft, dict) else None
+        la = r.get("load_avg") or []
+        lines.append(f"| {label} | {r['size_mb']:.1f} | {r['load_s']:.2f} | "
+                     f"{'' if t128 is None else f'{t128:.0f}'} | {r['decode_tokens_per_s']:.1f} | "
+                     f"{r['decode_ms_p50']:.1f} / {r['decode_ms_p95']:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{' / '.join(f'{x:.1f}' for x in la)} |")
+    pairs = [(label, label.replace("pruned30-", "dense-", 1)) for label in rows if label.startswith("pruned30-")]
+    pairs = [(a, b) for a, b in pairs if b in rows]
+    if pairs:
+        lines += ["", "Batch-1 decode reads every weight once per token, so its speedup is bounded by the bytes "
+                  "ratio (dense size / pruned size):", "",
+                  "| format | bytes ratio (dense/pruned) | decode speedup | TTFT speedup | peak RSS pruned/dense |", "|---|---|---|---|---|"]
+        for a, b in pairs:
+            pa, pb = rows[a], rows[b]
+            ta, tb = (pa.get("ttft_ms") or {}).get("128"), (pb.get("ttft_ms") or {}).get("128")
+            lines.append(f"| {a.removeprefix('pruned30-')} | {pb['size_mb'] / pa['size_mb']:.2f}x | "
+                         f"{pa['decode_tokens_per_s'] / pb['decode_tokens_per_s']:.2f}x | "
+                         f"{'' if not (ta and tb) else f'{tb / ta:.2f}x'} | "
+                         f"{pa['peak_rss_mb'] / pb['peak_rss_mb']:.2f} |")
+    return lines + [""]
+
+
 def _plot(runs: dict, path, dense: float | None = None) -> None:
     import matplotlib
 
@@ -220,6 +268,14 @@ def main() -> None:
     a = load_result("ablation")
     if a:
         lines += ablation_section(a)
+    e = load_result("export")
+    if e:
+        from export_report import render
+
+        lines += [render(e), ""]
+    p = load_result("profile")
+    if p:
+        lines += profile_section(p)
     OUT.write_text("\n".join(lines))
     print(f"wrote {OUT}")
 

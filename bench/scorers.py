@@ -19,8 +19,6 @@ def run_one(scorer: str, ratios: list[float], data: str, tokens: int, piem: str 
     import resource
     import time
 
-    import torch
-
     from edgeprune.allocation import allocate
     from edgeprune.data import calibration_batches, load_text
     from edgeprune.evaluate.ppl import perplexity
@@ -38,10 +36,10 @@ def run_one(scorer: str, ratios: list[float], data: str, tokens: int, piem: str 
     lm = load("default")
     batches = calibration_batches(lm.tokenizer, calib, 64, 128, 0)
     t0 = time.perf_counter()
-    scores = score_model(lm.adapter, make_scorer(scorer, **opts), batches, progress=False)
+    scorer_obj = make_scorer(scorer, **opts)
+    scores = score_model(lm.adapter, scorer_obj, batches, progress=False)
     score_s = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
     rows = []
     for ratio in ratios:
         lm = load("default")
@@ -50,9 +48,7 @@ def run_one(scorer: str, ratios: list[float], data: str, tokens: int, piem: str 
         ppl = perplexity(lm.model, lm.tokenizer, test, 128, max_tokens=tokens, progress=False)
         rows.append({"ratio": ratio, "ppl": ppl["ppl"], "tokens": ppl["tokens_scored"],
                      "params": sum(p.numel() for p in lm.model.parameters())})
-    del state
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return {"scorer": scorer, "piem_weights": piem, "attn_unit": attn_unit, "scoring_seconds": score_s,
+    return {"scorer": scorer, "described": scorer_obj.describe(), "piem_weights": piem, "attn_unit": attn_unit, "scoring_seconds": score_s,
             "peak_rss_mib": peak, "rows": rows}
 
 

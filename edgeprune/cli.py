@@ -132,7 +132,7 @@ def _scorer_options(scorer: str, piem_weights: str | None) -> dict:
     try:
         a, b, g = (float(x) for x in piem_weights.split(","))
     except ValueError:
-        raise EdgePruneError("--piem-weights must be three numbers, e.g. 0.1,0.3,0.6") from None
+        raise EdgePruneError("--piem-weights must be three numbers, e.g. 0.1,0.1,0.8") from None
     return {"alpha": a, "beta": b, "gamma": g}
 
 

@@ -71,7 +71,7 @@ def compensation_biases(adapter, plan: PruningPlan, means: dict) -> tuple[dict, 
 
 def _dense_key(cfg: PruneConfig, calib: Text) -> tuple:
     """What round 1's scores and sensitivities depend on (not the ratio: round 1 always sees the dense model)."""
-    return (cfg.scorer, tuple(sorted(cfg.scorer_options.items())), cfg.allocator == "lsps", cfg.sensitivity,
+    return (cfg.scorer, tuple(sorted(cfg.scorer_options.items())), cfg.allocator, cfg.sensitivity,
             cfg.probe_ratio, cfg.attn_unit, cfg.n_samples, cfg.seq_len, cfg.seed, cfg.sensitivity_samples,
             cfg.bias_compensation and not cfg.reconstruct, calib.sha256)
 
@@ -107,7 +107,8 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
             scores, sens, means = cache[key]
         else:
             means = {} if cfg.bias_compensation and not cfg.reconstruct else None
-            scores = score_model(lm.adapter, scorer, batches, progress=progress,
+            blocks = cfg.allocator in ("depth", "owl") or (cfg.allocator == "lsps" and cfg.sensitivity == "bi")
+            scores = score_model(lm.adapter, scorer, batches, progress=progress, block_stats=blocks,
                                  keep_gradients=cfg.sensitivity == "fisher", compensation=means)
             sens = None
             if cfg.allocator == "lsps":

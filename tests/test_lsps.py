@@ -140,3 +140,14 @@ def test_shared_round1_cache_matches_fresh_runs():
         fresh = prune_model(build_tiny("llama"), cfg, text, progress=False)
         assert shared["plan"]["layers"] == fresh["plan"]["layers"]
     assert len(cache) == 1
+
+
+@pytest.mark.parametrize("allocator", ["lsps", "depth"])
+def test_weight_only_scorer_gets_block_statistics(allocator):
+    """LSPS with Block Influence (and depth pruning) also work with magnitude, which reads no activations."""
+    from edgeprune.models.tiny import build_tiny
+
+    lm = build_tiny("llama")
+    cfg = PruneConfig(0.3, "magnitude", allocator, sensitivity="bi", n_samples=8, seq_len=32)
+    record = prune_model(lm, cfg, load_text("builtin", "calib"), progress=False)
+    assert record["decoder_reduction"] > 0.15

@@ -22,9 +22,11 @@ def make_scorer(name: str, seed: int = 0, **options):
 
 
 def score_model(adapter, scorer, batches, micro_batch: int = 8, progress: bool = True,
-                keep_gradients: bool = False, compensation: dict | None = None):
+                keep_gradients: bool = False, compensation: dict | None = None, block_stats: bool = False):
     """Score every unit of every layer. Gradients (if needed) come from whole-model passes; activation
-    statistics from a layer-by-layer pass."""
+    statistics from a layer-by-layer pass, which also runs for a weight-only scorer when ``block_stats`` asks
+    for the block statistics (Block Influence, outlier ratios) that the bi sensitivity and the depth and owl
+    allocators read."""
     import torch
 
     from edgeprune.scoring.base import UnitScores, outlier_ratio
@@ -36,7 +38,7 @@ def score_model(adapter, scorer, batches, micro_batch: int = 8, progress: bool =
         grads = accumulate_gradients(adapter, batches, micro_batch=max(1, micro_batch // 2), progress=progress)
     layers = []
     with torch.no_grad():
-        if scorer.needs_activations:
+        if scorer.needs_activations or block_stats or compensation is not None:
             for layer, stats in layerwise(adapter, batches, micro_batch=micro_batch, progress=progress):
                 s = scorer.score_layer(layer, stats, grads)
                 s.blocks["outliers"] = outlier_ratio(layer, stats)

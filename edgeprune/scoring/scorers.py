@@ -123,7 +123,7 @@ class PIEMScorer(Scorer):
     needs_activations = True
     needs_gradients = True
 
-    def __init__(self, alpha: float = 0.1, beta: float = 0.3, gamma: float = 0.6, context: str = "energy"):
+    def __init__(self, alpha: float = 0.1, beta: float = 0.1, gamma: float = 0.8, context: str = "energy"):
         if min(alpha, beta, gamma) < 0 or alpha + beta + gamma <= 0:
             from edgeprune.errors import EdgePruneError
 
