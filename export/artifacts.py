@@ -83,7 +83,9 @@ def export_gguf_artifact(ckpt: Path, out: Path, dtype: str) -> dict:
         info["parity"] = parity
         if not parity.get("passed"):
             raise EdgePruneError(f"GGUF parity check failed ({dtype}): max |logit diff| "
-                                 f"{parity.get('max_abs_logit_diff')}, greedy match {parity.get('greedy_match')}")
+                                 f"{parity.get('max_abs_logit_diff'):.4g}, mean KL {parity.get('mean_kl'):.4g}, "
+                                 f"top-1 agreement {parity.get('top1_agreement'):.3f}, greedy match "
+                                 f"{parity.get('greedy_match')} (tolerances: {parity.get('tolerance')})")
         info["seconds"] = round(time.perf_counter() - start, 2)
         info.update(format="gguf", source=str(ckpt))
         write_json(tmp / MANIFEST, manifest("gguf-export", **info))

@@ -59,7 +59,12 @@ PLACEHOLDER_FFN = 32
 # ~30): f32 5e-5 (dense) / 3e-4 (deci), f16 0.035, q8_0 1.26 (top-1 0.97), q4_k_m 7.2 (top-1 0.86; 180 of 272
 # tensors fall back to q5_0/q8_0 because 576 is not a multiple of 256); tiny random models: f32 1e-6,
 # f16 2e-3, q8_0 0.045, q4_k_m 0.19.
-TOLERANCE = {"f32": 1e-2, "f16": 0.15, "q8_0": 2.5, "q4_k_m": 12.0}
+TOLERANCE = {"f32": 1e-2, "f16": 0.15, "q8_0": 2.5, "q4_k_m": 25.0}
+# 4-bit files are judged on the mean KL(PyTorch || llama.cpp) over the prompts' positions: their max |logit diff|
+# is one position's outlier (a pruned SmolLM2 at 30% gave 12.5 at a single position, KL 0.48 there and <= 0.07
+# everywhere else, with top-1 agreement 1.0 and PPL +2.5%); the max bound above is only a gross sanity check.
+# Measured mean KL of Q4_K_M on the check prompts: dense SmolLM2 0.12 (PPL +7%), that pruned model 0.05.
+MAX_MEAN_KL = {"q4_k_m": 0.25}
 # Quantized files must also agree on the top-1 token this often; f32/f16 must instead give the same greedy tokens
 # (within the logit tolerance every top-1 flip is a near-tie: the reference's gap is at most 2x the tolerance).
 MIN_TOP1 = {"q8_0": 0.9, "q4_k_m": 0.75}
@@ -814,10 +819,11 @@ def check_gguf(gguf_path, checkpoint_dir, prompts: list[str] | None = None, n_to
     add_bos = _adds_bos(tok)
     llm = _llama(gguf_path, max(len(x) for x in ids) + n_tokens + 8, n_threads)
     try:
-        max_diff, agree, total = 0.0, 0, 0
+        max_diff, agree, total, kl_sum = 0.0, 0, 0, 0.0
         for x, ref in zip(ids, refs, strict=True):
             got = _logits(llm, x)
             max_diff = max(max_diff, float(np.abs(got - ref).max()))
+            kl_sum += float(_kl(ref, got).sum())
             agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
             total += len(x)
         llm.reset()
@@ -840,17 +846,30 @@ def check_gguf(gguf_path, checkpoint_dir, prompts: list[str] | None = None, n_to
     exact = dtype in ("f32", "f16")
     near_tie = mismatch is not None and margins[mismatch] <= 2 * tol
     greedy_ok = mismatch is None or near_tie or not exact
-    passed = max_diff <= tol and greedy_ok and (exact or top1 >= MIN_TOP1.get(dtype, 0.5))
+    mean_kl = kl_sum / total
+    kl_ok = mean_kl <= MAX_MEAN_KL.get(dtype, float("inf"))
+    passed = max_diff <= tol and greedy_ok and kl_ok and (exact or top1 >= MIN_TOP1.get(dtype, 0.5))
     return {
-        "dtype": dtype, "max_abs_logit_diff": max_diff, "top1_agreement": top1, "positions": total,
+        "dtype": dtype, "max_abs_logit_diff": max_diff, "mean_kl": mean_kl, "top1_agreement": top1,
+        "positions": total,
         "greedy_match": mismatch is None, "greedy_first_mismatch": mismatch,
         "greedy_mismatch_is_near_tie": near_tie, "greedy_tokens": got_tokens, "reference_tokens": ref_tokens,
         "greedy_text": got_text, "reference_text": ref_text, "tokenizer_match": tokenizer_match,
         "decode_tokens_per_s": n_tokens / decode_s if decode_s > 0 else None,
-        "tolerance": {"max_abs_logit_diff": tol, "min_top1_agreement": None if exact else MIN_TOP1.get(dtype, 0.5),
+        "tolerance": {"max_abs_logit_diff": tol, "max_mean_kl": MAX_MEAN_KL.get(dtype), "min_top1_agreement": None if exact else MIN_TOP1.get(dtype, 0.5),
                       "greedy_required": exact, "kv_cache": "f32"},
         "passed": bool(passed), "prompts": len(prompts), "n_tokens": n_tokens,
     }
+
+
+def _kl(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) || softmax(got)) per position, in nats."""
+    def log_softmax(x):
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(ref), log_softmax(got)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
 def _adds_bos(tok) -> bool:
