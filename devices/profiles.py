@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeprune.errors import EdgePruneError
+from edgeprune.io import read_toml
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "profiles"
 FORMATS = ("gguf", "onnx")
@@ -108,23 +109,6 @@ def available() -> dict[str, Path]:
     return found
 
 
-def _toml(path: Path) -> dict:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise EdgePruneError("reading device profiles on Python 3.10 needs tomli: pip install tomli") from None
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except OSError as e:
-        raise EdgePruneError(f"cannot read device profile {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise EdgePruneError(f"device profile {path} is not valid TOML: {e}") from None
-
-
 def _check_keys(data: dict, path: Path, section: str = "") -> None:
     allowed = _SCHEMA[section]
     for key, value in data.items():
@@ -203,15 +187,15 @@ def load(name_or_path: str | None = "cpu", profile_file: str | Path | None = Non
         path = Path(profile_file).expanduser()
         if not path.is_file():
             raise EdgePruneError(f"device profile file not found: {path}")
-        return parse(_toml(path), path, None)
+        return parse(read_toml(path, "device profile"), path, None)
     name = name_or_path or "cpu"
     if name.endswith(".toml") or os.sep in name:
         path = Path(name).expanduser()
         if not path.is_file():
             raise EdgePruneError(f"device profile file not found: {path}")
-        return parse(_toml(path), path, None)
+        return parse(read_toml(path, "device profile"), path, None)
     found = available()
     if name not in found:
         raise EdgePruneError(f"unknown device '{name}'; known: {', '.join(sorted(found))} (add NAME.toml to "
                              f"{search_dirs()[-2]} or pass --profile-file PATH)")
-    return parse(_toml(found[name]), found[name], name)
+    return parse(read_toml(found[name], "device profile"), found[name], name)

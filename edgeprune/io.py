@@ -19,6 +19,26 @@ from typing import Any
 MANIFEST = "manifest.json"
 
 
+def read_toml(path: str | Path, what: str) -> dict:
+    """Parse a TOML file (tomllib; tomli on Python 3.10), with one-line errors naming ``what`` it is."""
+    from edgeprune.errors import EdgePruneError
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ModuleNotFoundError:
+            raise EdgePruneError(f"reading a {what} on Python 3.10 needs tomli: pip install tomli") from None
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise EdgePruneError(f"cannot read {what} {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise EdgePruneError(f"{what} {path} is not valid TOML: {e}") from None
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -38,7 +38,7 @@ from typing import Any
 
 from edgeprune import __version__
 from edgeprune.errors import EdgePruneError, first_line
-from edgeprune.io import MANIFEST, atomic_dir, manifest, sha256_file, write_json
+from edgeprune.io import MANIFEST, atomic_dir, manifest, read_toml, sha256_file, write_json
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 STAGE_FILE = "stage.json"
@@ -106,23 +106,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------------------------- configuration
 
 
-def _toml_load(path: Path) -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ModuleNotFoundError:
-            raise EdgePruneError("reading TOML configs on Python 3.10 needs `pip install tomli`") from None
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except OSError as e:
-        raise EdgePruneError(f"cannot read config {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise EdgePruneError(f"config {path} is not valid TOML: {e}") from None
-
-
 def _toml_value(text: str) -> Any:
     try:
         import tomllib
@@ -134,7 +117,7 @@ def _toml_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        return text  # a bare string: --set data.eval=../shared/data/wikitext-2/wiki.test.raw
+        return text  # a bare string: --set data.eval=corpus/test.txt
 
 
 def resolve_config_path(spec: str | Path | None) -> Path:
@@ -232,7 +215,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     schema = config_schema()
     cfg = copy.deepcopy(schema)
     cfg_path = resolve_config_path(path)
-    _merge(schema, cfg, _toml_load(cfg_path), str(cfg_path))
+    _merge(schema, cfg, read_toml(cfg_path, "config"), str(cfg_path))
     for item in overrides:
         section, key, value = parse_override(item)
         _merge(schema, cfg, {section: {key: value}}, "--set")
