@@ -60,7 +60,9 @@ def scorers_section(s: dict, baseline: dict | None) -> list[str]:
               "needs one; these runs shared the 2 cores with other jobs, so the times are upper bounds. Peak RSS "
               "is the scoring process's maximum resident memory (model, gradients, one layer's activations).", "",
               "![PPL vs ratio per scorer](bench/scorers.png)", ""]
-    _plot(runs, ROOT / "bench" / "scorers.png", (baseline or {}).get("grid_ppl"))
+    _plot_ppl({name: [(r["ratio"], r["ppl"]) for r in run["rows"]] for name, run in runs.items()},
+              ROOT / "bench" / "scorers.png", (baseline or {}).get("grid_ppl"),
+              "Uniform structured pruning of SmolLM2-135M")
     return lines
 
 
@@ -141,7 +143,9 @@ def ablation_section(a: dict) -> list[str]:
                      + " | ".join(cell(m, r, "params", lambda v: f"{v / 1e6:.1f}") for r in ratios) + " | "
                      + " | ".join(cell(m, r, "decode_tok_s", lambda v: f"{v:.1f}") for r in ratios) + " |")
     lines += ["", "Lowest PPL per ratio in bold.", ""] + _target_lines(rows, dense, ratios)
-    _plot_ablation(rows, methods, ratios, dense, ROOT / "bench" / "ablation.png")
+    _plot_ppl({m: [(r, rows[f"{m}@{r:g}"]["ppl"]) for r in ratios if f"{m}@{r:g}" in rows] for m in methods},
+              ROOT / "bench" / "ablation.png", dense["ppl"] if dense else None, "Ablation on SmolLM2-135M",
+              size=(7, 4.5), legend_size=7, bold="PIEM+LSPS")
     lines += ["![PPL vs ratio per method](bench/ablation.png)", ""]
     return lines
 
@@ -168,30 +172,6 @@ def _target_lines(rows: dict, dense: dict | None, ratios: list[float]) -> list[s
             out.append(f"- {r:.0%}: {f:.2f}x the dense PPL ({dense['ppl']:.2f}); target <= {TARGET_FACTOR}x: "
                        + ("met." if f <= TARGET_FACTOR else f"missed by {100 * (f / TARGET_FACTOR - 1):.0f}%."))
     return out + [""]
-
-
-def _plot_ablation(rows, methods, ratios, dense, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in methods:
-        pts = [(100 * r, rows[f"{m}@{r:g}"]["ppl"]) for r in ratios if f"{m}@{r:g}" in rows]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=m, linewidth=2.5 if m.startswith("PIEM+LSPS") else 1)
-    if dense:
-        ax.axhline(dense["ppl"], color="black", linestyle="--", linewidth=1, label=f"dense ({dense['ppl']:.1f})")
-    ax.set_yscale("log")
-    ax.set_xlabel("decoder parameters removed (%)")
-    ax.set_ylabel("WikiText-2 PPL (seq 128)")
-    ax.set_title("Ablation on SmolLM2-135M")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def profile_section(p: dict) -> list[str]:
@@ -230,24 +210,27 @@ def profile_section(p: dict) -> list[str]:
     return lines + [""]
 
 
-def _plot(runs: dict, path, dense: float | None = None) -> None:
+def _plot_ppl(series: dict[str, list[tuple[float, float]]], path, dense: float | None, title: str,
+              size=(6, 4), legend_size=8, bold: str | None = None) -> None:
+    """PPL (log) vs % of decoder parameters removed, one line per series, the dense PPL as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, run in runs.items():
-        xs = [100 * r["ratio"] for r in run["rows"]]
-        ax.plot(xs, [r["ppl"] for r in run["rows"]], marker="o", label=name)
+    fig, ax = plt.subplots(figsize=size)
+    for name, pts in series.items():
+        if pts:
+            ax.plot([100 * r for r, _ in pts], [p for _, p in pts], marker="o", label=name,
+                    linewidth=2.5 if bold and name.startswith(bold) else 1.5)
     if dense:
         ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense ({dense:.1f})")
     ax.set_yscale("log")
     ax.set_xlabel("decoder parameters removed (%)")
     ax.set_ylabel("WikiText-2 PPL (seq 128)")
-    ax.set_title("Uniform structured pruning of SmolLM2-135M")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
