@@ -40,17 +40,65 @@ METHODS = {
     "PIEM+LSPS multi-round (K=2)": dict(OURS, rounds=2),
     "PIEM+LSPS multi-round (K=2) without refit": dict(OURS, rounds=2, reconstruct=False),
 }
+# Recovery by distillation from the dense model (edgeprune/recover.py), the same budget for every row that has
+# it: 200 steps x 4 windows x 128 tokens of WikiText-2 valid. The strongest baselines get it too, so the
+# "with recovery" rows compare like with like.
+RECOVERY = dict(recover_steps=200, recover_lr=4e-4, recover_batch=4)
+DISTILL = " + distillation"
+for _name in ("PIEM+LSPS multi-round (K=2)", "PIEM+LSPS one-shot", "FLAP (fluctuation+global+bias)",
+              "depth (ShortGPT: Block Influence)"):
+    METHODS[_name + DISTILL] = dict(METHODS[_name], **RECOVERY)
 
 
-def decode_speed(model, tokenizer, n_new: int = 32) -> float:
+def decode_speed(model, tokenizer, n_new: int = 32, repeats: int = 1) -> float:
+    """Greedy decode tokens/s at batch 1 (median of ``repeats`` runs after a warm-up)."""
+    import statistics
+
     import torch
 
     ids = tokenizer("The history of the city begins", return_tensors="pt").input_ids
+    speeds = []
     with torch.no_grad():
         model.generate(ids, max_new_tokens=4, do_sample=False, min_new_tokens=4)
-        t = time.perf_counter()
-        model.generate(ids, max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new)
-    return n_new / (time.perf_counter() - t)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new)
+            speeds.append(n_new / (time.perf_counter() - t))
+    return statistics.median(speeds)
+
+
+def shaped_model(shapes: list[dict]):
+    """SmolLM2's architecture with the given per-layer widths and random weights: decode speed depends on the
+    shapes only, so every row's speed can be measured again in one quiet pass without re-pruning."""
+    from edgeprune.models import load
+    from edgeprune.models.remote_code import EdgePruneConfig, EdgePruneForCausalLM
+
+    base = load("default").model.config.to_dict()
+    for k in ("model_type", "architectures", "auto_map", "transformers_version"):
+        base.pop(k, None)
+    cfg = EdgePruneConfig(**{**base, "num_hidden_layers": len(shapes),
+                             "layer_num_heads": [s["num_heads"] for s in shapes],
+                             "layer_num_kv_heads": [s["num_kv_heads"] for s in shapes],
+                             "layer_intermediate_size": [s["intermediate_size"] for s in shapes]})
+    return EdgePruneForCausalLM(cfg).eval()
+
+
+def measure_speeds(result: dict, repeats: int) -> None:
+    """Decode speed of every row from its layer shapes, one row after another in this process."""
+    import os
+
+    from edgeprune.models import load
+
+    if os.getloadavg()[0] > 1.0:
+        print(f"warning: load average {os.getloadavg()[0]:.1f}: speeds will be low and noisy", flush=True)
+    lm = load("default")
+    tokenizer, dense_shapes = lm.tokenizer, [s.to_dict() for s in lm.adapter.shapes()]
+    for key, row in result["rows"].items():
+        model = shaped_model(row.get("layer_shapes") or dense_shapes)
+        row["decode_tok_s"] = decode_speed(model, tokenizer, repeats=repeats)
+        row["decode_measured"] = f"speed pass, {repeats} repeats, {os.getloadavg()[0]:.1f} load"
+        print(f"{key}: {row['decode_tok_s']:.1f} tok/s", flush=True)
+        save("ablation", result)
 
 
 def evaluate(lm, data: str, tokens: int, limit: int) -> dict:
@@ -89,6 +137,7 @@ def run_method(method: str, ratios: list[float], data: str, tokens: int, limit: 
         row = {"method": method, "ratio": ratio, **evaluate(lm, data, tokens, limit),
                "prune_seconds": record.get("seconds"), "layer_shapes": record.get("layer_shapes")}
         if record:
+            row["recovery"] = record["recovery"]
             row["decoder_reduction"] = record["decoder_reduction"]
             row["allocation"] = [r["allocation"] for r in record["rounds"]]
             row["sensitivity"] = [r["sensitivity"] for r in record["rounds"]]
@@ -103,6 +152,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=GRID_TOKENS)
     ap.add_argument("--limit", type=int, default=100,
                     help="zero-shot examples per task (0: skip zero-shot; rows that have it keep it)")
+    ap.add_argument("--speed", action="store_true",
+                    help="only re-measure every saved row's decode speed from its shapes (run on a quiet machine)")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "RATIOS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     data = str(data_dir(args.data))
@@ -113,6 +164,9 @@ def main() -> None:
     if result.get("tokens") != args.tokens:
         result = {"tokens": args.tokens, "rows": {}}
     result["piem_weights"] = list(PIEM_WEIGHTS.values())
+    if args.speed:
+        measure_speeds(result, repeats=3)
+        return
 
     def done(key: str) -> bool:  # a row is reused unless this run asks for zero-shot it lacks
         row = result["rows"].get(key)

@@ -101,51 +101,90 @@ def _piem_weights(a: dict) -> str:
 TARGET_FACTOR = 1.25
 
 
+def _recovered(rows: dict, method: str) -> bool:
+    return any(r.get("recovery") for r in rows.values() if r["method"] == method)
+
+
+def _speed_note(rows: dict) -> str:
+    notes = {r.get("decode_measured") for r in rows.values()}
+    if None in notes:
+        return ("decode = greedy tokens/s of the PyTorch model on this CPU (batch 1), measured right after pruning "
+                "while other jobs shared the 2 cores: compare within a column only")
+    return ("decode = greedy tokens/s at batch 1 of a model with each row's layer shapes (PyTorch, this CPU), "
+            "measured for all rows one after another by `python ablate.py --speed` (3 repeats, medians; decode "
+            "speed depends on the shapes, not the weights)")
+
+
+def _recovery_note(rows: dict) -> str:
+    rec = next((r["recovery"] for r in rows.values() if r.get("recovery")), None)
+    if not rec:
+        return ""
+    c = rec["config"]
+    return (f"Recovery (`--recover-steps`): distillation from the dense model (KL to its next-token distribution, "
+            f"edgeprune/recover.py), {c['steps']} steps x {c['batch_size']} windows x 128 tokens "
+            f"({rec['tokens']:,} tokens) of WikiText-2 *valid*, AdamW, peak lr {c['lr']:g}, every decoder weight "
+            f"trained, embeddings frozen; about {rec['seconds'] / 60:.0f} min per row on this CPU. The same budget "
+            "for every row that has it; the strongest baselines get it too, so each table compares like with like.")
+
+
+def _method_row(m: str, ratios: list[float], cell) -> str:
+    return (f"| {m} | " + " | ".join(cell(m, r, "ppl", _fmt_ppl) for r in ratios) + " | "
+            + " | ".join(cell(m, r, "zeroshot_avg_acc", lambda v: f"{v:.3f}") for r in ratios) + " | "
+            + " | ".join(cell(m, r, "params", lambda v: f"{v / 1e6:.1f}") for r in ratios) + " | "
+            + " | ".join(cell(m, r, "decode_tok_s", lambda v: f"{v:.1f}") for r in ratios) + " |")
+
+
 def ablation_section(a: dict) -> list[str]:
     rows = a["rows"]
     dense = rows.get("dense@0")
     ratios = sorted({r["ratio"] for r in rows.values() if r["ratio"] > 0})
     methods = list(dict.fromkeys(r["method"] for r in rows.values() if r["ratio"] > 0))
+    groups = {"Without retraining": [m for m in methods if not _recovered(rows, m)],
+              "With recovery (distillation from the dense model)": [m for m in methods if _recovered(rows, m)]}
     limits = sorted({r["zeroshot_limit"] for r in rows.values() if r.get("zeroshot_limit")})
-    lines = ["## Ablation: scorers x allocators x rounds (`bench/ablate.py`)", "",
+    lines = ["## Ablation: scorers x allocators x rounds x recovery (`bench/ablate.py`)", "",
              f"Each row pruned from the dense model with WikiText-2 valid calibration (64 windows of 128 tokens); "
              f"PPL on the first {a['tokens']:,} WikiText-2 test tokens (seq 128, the same windows in every row); "
              f"zero-shot = mean acc over PIQA, ARC-e, ARC-c, BoolQ, OpenBookQA"
              + (f", first {', '.join(map(str, limits))} examples each, for the rows that show it (CPU time "
                 f"limited it to headline rows; small samples, so differences under a few points are noise)"
                 if limits else "")
-             + "; decode = greedy tokens/s of the PyTorch model on this CPU (batch 1, measured while other jobs "
-             "shared the 2 cores: compare within a column only). `refit` = least-squares reconstruction "
+             + f"; {_speed_note(rows)}. `refit` = least-squares reconstruction "
              "(README, Reconstruction). PIEM rows use PIEM's weights (alpha, beta, gamma) = "
-             f"{_piem_weights(a)}; LSPS rows use Block Influence sensitivity, tau 1.", ""]
+             f"{_piem_weights(a)}; LSPS rows use Block Influence sensitivity, tau 1; methods that name no refit "
+             "and no recovery run as published. A dash: not measured.", ""]
     head = "| method | " + " | ".join(f"PPL @ {r:.0%}" for r in ratios) + " | " + \
         " | ".join(f"zero-shot @ {r:.0%}" for r in ratios) + " | " + " | ".join(f"params @ {r:.0%} (M)" for r in ratios) \
         + " | " + " | ".join(f"decode tok/s @ {r:.0%}" for r in ratios) + " |"
-    lines += [head, "|---|" + "---|" * (4 * len(ratios))]
-    if dense:
-        z = dense.get("zeroshot_avg_acc")
-        lines.append("| dense | " + " | ".join(_fmt_ppl(dense["ppl"]) for _ in ratios) + " | "
-                     + " | ".join("" if z is None else f"{z:.3f}" for _ in ratios) + " | "
-                     + " | ".join(f"{dense['params'] / 1e6:.1f}" for _ in ratios) + " | "
-                     + " | ".join(f"{dense['decode_tok_s']:.1f}" for _ in ratios) + " |")
-    best = {r: min((x for x in rows.values() if x["ratio"] == r), key=lambda x: x["ppl"])["method"] for r in ratios}
+    for title, members in groups.items():
+        if not members:
+            continue
+        group = {k: v for k, v in rows.items() if v["method"] in members}
+        best = {r: min((x for x in group.values() if x["ratio"] == r), key=lambda x: x["ppl"])["method"]
+                for r in ratios if any(x["ratio"] == r for x in group.values())}
 
-    def cell(m, r, key, fmt):
-        row = rows.get(f"{m}@{r:g}")
-        if row is None or row.get(key) is None:
-            return "–"
-        text = fmt(row[key])
-        return f"**{text}**" if key == "ppl" and best[r] == m else text
+        def cell(m, r, key, fmt, best=best):
+            row = rows.get(f"{m}@{r:g}")
+            if row is None or row.get(key) is None:
+                return "–"
+            text = fmt(row[key])
+            return f"**{text}**" if key == "ppl" and best.get(r) == m else text
 
-    for m in methods:
-        lines.append(f"| {m} | " + " | ".join(cell(m, r, "ppl", _fmt_ppl) for r in ratios) + " | "
-                     + " | ".join(cell(m, r, "zeroshot_avg_acc", lambda v: f"{v:.3f}") for r in ratios) + " | "
-                     + " | ".join(cell(m, r, "params", lambda v: f"{v / 1e6:.1f}") for r in ratios) + " | "
-                     + " | ".join(cell(m, r, "decode_tok_s", lambda v: f"{v:.1f}") for r in ratios) + " |")
-    lines += ["", "Lowest PPL per ratio in bold.", ""] + _target_lines(rows, dense, ratios)
+        lines += [f"### {title}", ""]
+        if _recovered(rows, members[0]):
+            lines += [_recovery_note(rows), ""]
+        lines += [head, "|---|" + "---|" * (4 * len(ratios))]
+        if dense:
+            z = dense.get("zeroshot_avg_acc")
+            lines.append("| dense | " + " | ".join(_fmt_ppl(dense["ppl"]) for _ in ratios) + " | "
+                         + " | ".join("" if z is None else f"{z:.3f}" for _ in ratios) + " | "
+                         + " | ".join(f"{dense['params'] / 1e6:.1f}" for _ in ratios) + " | "
+                         + " | ".join(f"{dense['decode_tok_s']:.1f}" for _ in ratios) + " |")
+        lines += [_method_row(m, ratios, cell) for m in members]
+        lines += ["", "Lowest PPL per ratio in this table in bold.", ""] + _target_lines(group, dense, ratios)
     _plot_ppl({m: [(r, rows[f"{m}@{r:g}"]["ppl"]) for r in ratios if f"{m}@{r:g}" in rows] for m in methods},
               ROOT / "bench" / "ablation.png", dense["ppl"] if dense else None, "Ablation on SmolLM2-135M",
-              size=(7, 4.5), legend_size=7, bold="PIEM+LSPS")
+              size=(7.5, 5), legend_size=6.5, bold="PIEM+LSPS", dotted="distillation")
     lines += ["![PPL vs ratio per method](bench/ablation.png)", ""]
     return lines
 
@@ -153,7 +192,7 @@ def ablation_section(a: dict) -> list[str]:
 def _target_lines(rows: dict, dense: dict | None, ratios: list[float]) -> list[str]:
     """The issue's target, checked against the numbers: the multi-round method has the lowest PPL of every row at
     20% and 30%, and at 20% at most 1.25x the dense PPL."""
-    out = ["**Target check** (computed from the rows above):", ""]
+    out = ["**Target check** (computed from the rows of this table):", ""]
     for r in (0.2, 0.3):
         if r not in ratios:
             continue
@@ -211,7 +250,7 @@ def profile_section(p: dict) -> list[str]:
 
 
 def _plot_ppl(series: dict[str, list[tuple[float, float]]], path, dense: float | None, title: str,
-              size=(6, 4), legend_size=8, bold: str | None = None) -> None:
+              size=(6, 4), legend_size=8, bold: str | None = None, dotted: str | None = None) -> None:
     """PPL (log) vs % of decoder parameters removed, one line per series, the dense PPL as a dashed line."""
     import matplotlib
 
@@ -222,7 +261,8 @@ def _plot_ppl(series: dict[str, list[tuple[float, float]]], path, dense: float |
     for name, pts in series.items():
         if pts:
             ax.plot([100 * r for r, _ in pts], [p for _, p in pts], marker="o", label=name,
-                    linewidth=2.5 if bold and name.startswith(bold) else 1.5)
+                    linewidth=2.5 if bold and name.startswith(bold) else 1.5,
+                    linestyle=":" if dotted and dotted in name else "-")
     if dense:
         ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense ({dense:.1f})")
     ax.set_yscale("log")

@@ -183,6 +183,12 @@ def prune(
     reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct",
                                               help="refit each pruned block's output projection by least squares "
                                               "on the calibration text (includes the bias)")] = False,
+    recover_steps: Annotated[int, typer.Option(help="recovery: distillation steps from the unpruned model "
+                                               "on calibration text after pruning (0 = off)")] = 0,
+    recover_lr: Annotated[float, typer.Option(help="recovery: peak learning rate")] = 4e-4,
+    recover_batch: Annotated[int, typer.Option(help="recovery: windows per step")] = 4,
+    recover_ce: Annotated[float, typer.Option(help="recovery: share of next-token cross-entropy in the loss "
+                                              "(0 = pure distillation)")] = 0.0,
     attn_unit: Annotated[str, typer.Option(help="attention unit: 'group' (KV head + its query heads) or "
                                            "'head' (query heads, same count from every group)")] = "group",
     round_to: Annotated[int, typer.Option(help="round kept MLP widths to a multiple of this")] = 1,
@@ -196,31 +202,19 @@ def prune(
     json_path: JsonOpt = None,
 ) -> None:
     """Score, allocate and physically remove units; save a Hugging Face-style checkpoint."""
-    from edgeprune.allocation import ALLOCATORS
-    from edgeprune.allocation.base import ATTN_UNITS, check_ratio
     from edgeprune.checkpoint import save_checkpoint
     from edgeprune.data import load_text
     from edgeprune.models import load
     from edgeprune.prune import PruneConfig, prune_model
-    from edgeprune.scoring import make_scorer
 
-    check_ratio(ratio)
-    make_scorer(scorer, **_scorer_options(scorer, piem_weights))  # fail fast on bad options
-    if allocator not in ALLOCATORS:
-        raise EdgePruneError(f"unknown allocator '{allocator}'; choose from {', '.join(ALLOCATORS)}")
-    if attn_unit not in ATTN_UNITS:
-        raise EdgePruneError(f"unknown attention unit '{attn_unit}'; choose from {', '.join(ATTN_UNITS)}")
-    if rounds < 1 or round_to < 1:
-        raise EdgePruneError("--rounds and --round-to must be at least 1")
-    from edgeprune.sensitivity import SENSITIVITIES
-
-    if sensitivity not in SENSITIVITIES:
-        raise EdgePruneError(f"unknown sensitivity '{sensitivity}'; choose from {', '.join(SENSITIVITIES)}")
-    if not 0 < probe_ratio < 1:
-        raise EdgePruneError("--probe-ratio must be in (0, 1)")
-    cfg = PruneConfig(ratio, scorer, allocator, attn_unit, round_to, rounds, n_samples, calib_seq_len, seed,
-                      _scorer_options(scorer, piem_weights), sensitivity, probe_ratio, tau, min_module_ratio,
-                      max_module_ratio, bias_compensation, reconstruct)
+    cfg = PruneConfig(ratio=ratio, scorer=scorer, allocator=allocator, attn_unit=attn_unit, round_to=round_to,
+                      rounds=rounds, n_samples=n_samples, seq_len=calib_seq_len, seed=seed,
+                      scorer_options=_scorer_options(scorer, piem_weights), sensitivity=sensitivity,
+                      probe_ratio=probe_ratio, tau=tau, min_module_ratio=min_module_ratio,
+                      max_module_ratio=max_module_ratio, bias_compensation=bias_compensation,
+                      reconstruct=reconstruct, recover_steps=recover_steps, recover_lr=recover_lr,
+                      recover_batch=recover_batch, recover_ce=recover_ce)
+    cfg.validate()  # before any model time is spent
     text = load_text(calib, "calib")
     lm = load(model)
     record = prune_model(lm, cfg, text)

@@ -266,11 +266,10 @@ def artifact_targets(cfg: dict) -> list[tuple[str, str]]:
 
 def prune_config(section: dict):
     """Validate the [prune] section (the same checks as `edgeprune prune`) and build a PruneConfig."""
-    from edgeprune.allocation import ALLOCATORS
-    from edgeprune.allocation.base import ATTN_UNITS, check_ratio
+    from dataclasses import fields
+
+    from edgeprune.allocation.base import check_ratio
     from edgeprune.prune import PruneConfig
-    from edgeprune.scoring import make_scorer
-    from edgeprune.sensitivity import SENSITIVITIES
 
     s = section
     check_ratio(s["ratio"])
@@ -279,21 +278,10 @@ def prune_config(section: dict):
         if s["scorer"] != "piem" or len(s["piem_weights"]) != 3:
             raise EdgePruneError("prune.piem_weights takes three numbers [alpha, beta, gamma] with scorer 'piem'")
         options = dict(zip(("alpha", "beta", "gamma"), (float(x) for x in s["piem_weights"]), strict=True))
-    make_scorer(s["scorer"], **options)  # unknown scorers fail here
-    if s["allocator"] not in ALLOCATORS:
-        raise EdgePruneError(f"unknown allocator '{s['allocator']}'; choose from {', '.join(ALLOCATORS)}")
-    if s["attn_unit"] not in ATTN_UNITS:
-        raise EdgePruneError(f"unknown attention unit '{s['attn_unit']}'; choose from {', '.join(ATTN_UNITS)}")
-    if s["sensitivity"] not in SENSITIVITIES:
-        raise EdgePruneError(f"unknown sensitivity '{s['sensitivity']}'; choose from {', '.join(SENSITIVITIES)}")
-    if s["rounds"] < 1 or s["round_to"] < 1 or s["n_samples"] < 1 or s["seq_len"] < 2:
-        raise EdgePruneError("prune.rounds, round_to and n_samples must be at least 1, seq_len at least 2")
-    if not 0 < s["probe_ratio"] < 1:
-        raise EdgePruneError("prune.probe_ratio must be in (0, 1)")
-    from dataclasses import fields
-
     known = {f.name for f in fields(PruneConfig)}
-    return PruneConfig(**{k: v for k, v in s.items() if k in known}, scorer_options=options)
+    cfg = PruneConfig(**{k: v for k, v in s.items() if k in known}, scorer_options=options)
+    cfg.validate()
+    return cfg
 
 
 def prune_checkpoint(lm, cfg, calib, out_dir: Path, model_spec: str, progress: bool = True) -> dict:

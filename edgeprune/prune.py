@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -10,9 +11,11 @@ import torch
 from edgeprune.allocation import allocate, unit_costs
 from edgeprune.allocation.base import check_ratio
 from edgeprune.data import Text, calibration_batches
+from edgeprune.errors import EdgePruneError
 from edgeprune.models.info import param_counts
 from edgeprune.plan import PruningPlan, compose
 from edgeprune.reconstruct import apply_plan_reconstruct
+from edgeprune.recover import RecoveryConfig, distill
 from edgeprune.scoring import make_scorer, score_model
 from edgeprune.selection import build_plan
 from edgeprune.sensitivity import measure
@@ -40,6 +43,37 @@ class PruneConfig:
     reconstruct: bool = False  # least-squares refit of o_proj/down_proj on calibration text (reconstruct.py)
     damp: float = 1e-3
     sensitivity_samples: int = 16  # calibration windows for the loss probe (a subset of the calibration set)
+    # recovery by distillation from the unpruned model after the last round (recover.py); 0 steps = off
+    recover_steps: int = 0
+    recover_lr: float = 4e-4
+    recover_batch: int = 4
+    recover_ce: float = 0.0
+
+    def recovery(self) -> RecoveryConfig:
+        return RecoveryConfig(self.recover_steps, self.recover_lr, self.recover_batch, ce_weight=self.recover_ce,
+                              seed=self.seed + 1)
+
+    def validate(self) -> None:
+        """One-line errors for every bad option: shared by `edgeprune prune` and `edgeprune run`."""
+        from edgeprune.allocation import ALLOCATORS
+        from edgeprune.allocation.base import ATTN_UNITS
+        from edgeprune.scoring import make_scorer
+        from edgeprune.sensitivity import SENSITIVITIES
+
+        check_ratio(self.ratio)
+        make_scorer(self.scorer, seed=self.seed, **self.scorer_options)  # unknown scorers and options fail here
+        for what, value, known in (("allocator", self.allocator, ALLOCATORS), ("attention unit", self.attn_unit,
+                                   ATTN_UNITS), ("sensitivity", self.sensitivity, SENSITIVITIES)):
+            if value not in known:
+                raise EdgePruneError(f"unknown {what} '{value}'; choose from {', '.join(known)}")
+        if self.rounds < 1 or self.round_to < 1 or self.n_samples < 1 or self.seq_len < 2:
+            raise EdgePruneError("rounds, round-to and the number of calibration samples must be at least 1, "
+                                 "the calibration sequence length at least 2")
+        if not 0 < self.probe_ratio < 1:
+            raise EdgePruneError("probe-ratio must be in (0, 1)")
+        if not 0 <= self.min_module_ratio <= self.max_module_ratio < 1:
+            raise EdgePruneError("need 0 <= min-module-ratio <= max-module-ratio < 1")
+        self.recovery().validate()
 
 
 def _prunable(adapter) -> int:
@@ -84,11 +118,7 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
     scores and sensitivities depend on the dense model and the calibration, not on the ratio, and are reused."""
     import resource
 
-    check_ratio(cfg.ratio)
-    if cfg.rounds < 1:
-        from edgeprune.errors import EdgePruneError
-
-        raise EdgePruneError("--rounds must be at least 1")
+    cfg.validate()
     scorer = make_scorer(cfg.scorer, seed=cfg.seed, **cfg.scorer_options)
     batches = calibration_batches(lm.tokenizer, calib, cfg.n_samples, cfg.seq_len, cfg.seed)
     probe = batches[: cfg.sensitivity_samples]
@@ -97,6 +127,7 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
     plan = PruningPlan.identity(lm.adapter)
     rounds = []
     start = time.perf_counter()
+    teacher = copy.deepcopy(lm.model).eval() if cfg.recover_steps else None
     for r in range(1, cfg.rounds + 1):
         # each round removes its share of the original budget, measured against the current model
         target = cfg.ratio * base_prunable * r / cfg.rounds
@@ -134,6 +165,12 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
                        "sensitivity": [s.to_dict() for s in sens] if sens else None,
                        "block_influence": [s.blocks for s in scores.layers],
                        "scoring_seconds": scores.meta["seconds"]})
+    recovery = None
+    if teacher is not None:
+        rc = cfg.recovery()
+        windows = calibration_batches(lm.tokenizer, calib, rc.steps * rc.batch_size, cfg.seq_len, rc.seed)
+        recovery = distill(lm.model, teacher, windows, rc, progress=progress)
+        del teacher
     after = param_counts(lm.adapter)
     plan.meta.update({"scorer": scorer.describe(), "allocator": cfg.allocator, "ratio": cfg.ratio,
                       "rounds": cfg.rounds, "attn_unit": cfg.attn_unit, "round_to": cfg.round_to})
@@ -144,6 +181,7 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
         "plan": plan.to_dict(),
         "layer_shapes": [s.to_dict() for s in lm.adapter.shapes()],
         "rounds": rounds,
+        "recovery": recovery,
         "params_before": before,
         "params_after": after,
         "decoder_reduction": 1 - after["decoder_layers"] / before["decoder_layers"],

@@ -192,6 +192,22 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out + [""]
 
 
+def method_summary(p: dict) -> str:
+    """The pruning recipe of a prune config in one phrase, e.g. "piem + lsps (bi sensitivity), 2 rounds,
+    least-squares refit, 100 distillation steps"."""
+    parts = [f"{p.get('scorer', '?')} + {p.get('allocator', '?')}"
+             + (f" ({p.get('sensitivity', '?')} sensitivity)" if p.get("allocator") == "lsps" else "")]
+    if (p.get("rounds") or 1) > 1:
+        parts.append(f"{p['rounds']} rounds")
+    if p.get("reconstruct"):
+        parts.append("least-squares refit")
+    elif p.get("bias_compensation"):
+        parts.append("bias compensation")
+    if p.get("recover_steps"):
+        parts.append(f"{p['recover_steps']} distillation steps")
+    return ", ".join(parts)
+
+
 def _title(data: dict) -> str:
     p = data.get("prune", {}).get("config") or {}
     what = f"{p.get('scorer', '?').upper()} + {p.get('allocator', '?').upper()}, ratio {p.get('ratio', 0):g}"
@@ -499,8 +515,7 @@ def readme_table(data: dict) -> str:
     header, rows = summary_rows(data)
     m = data.get("models", {}).get("baseline") or {}
     p = (data.get("prune") or {}).get("config") or {}
-    lines = [f"Model `{data.get('model')}`, {p.get('scorer', '?')} + {p.get('allocator', '?')} "
-             f"({p.get('sensitivity', '?')} sensitivity), ratio {p.get('ratio', 0):g}; device profile "
+    lines = [f"Model `{data.get('model')}`, {method_summary(p)}, ratio {p.get('ratio', 0):g}; device profile "
              f"`{data.get('device')}`" + (f"; PPL on {m['ppl_text']}, seq {m['ppl_seq_len']}, first "
                                           f"{m['ppl_tokens']:,} tokens" if m else "") + ". Changes are relative "
              "to the unpruned model in the same runtime and dtype.", ""]

@@ -27,6 +27,9 @@ def _one_line_error(p):
     (["eval", "default", "--tasks", "nope"], "unknown task"),
     (["prune", "default", "--ratio", "1.5"], "--ratio must be in [0, 1)"),
     (["prune", "default", "--scorer", "nope"], "unknown scorer"),
+    (["prune", "default", "--rounds", "0"], "rounds, round-to"),
+    (["prune", "default", "--recover-steps", "10", "--recover-lr", "0"], "learning rate"),
+    (["prune", "default", "--min-module-ratio", "0.5", "--max-module-ratio", "0.4"], "min-module-ratio"),
     (["score", "default", "--scorer", "nope"], "unknown scorer"),
 ])
 def test_bad_input_gives_one_line_error(args, needle):

@@ -221,3 +221,12 @@ def test_html_renders_in_headless_chromium(run_dir, tmp_path):
                        text=True, timeout=180)
     assert shot.is_file(), p.stderr[-2000:]
     assert not _png_is_blank(shot.read_bytes())
+
+
+def test_method_summary_names_every_recipe_step():
+    from edgeprune.report import method_summary
+
+    assert method_summary({"scorer": "piem", "allocator": "uniform"}) == "piem + uniform"
+    assert method_summary({"scorer": "piem", "allocator": "lsps", "sensitivity": "bi", "rounds": 2,
+                           "reconstruct": True, "recover_steps": 100}) == \
+        "piem + lsps (bi sensitivity), 2 rounds, least-squares refit, 100 distillation steps"

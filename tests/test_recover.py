@@ -1,0 +1,60 @@
+import copy
+
+import pytest
+import torch
+
+from edgeprune.data import calibration_batches, load_text
+from edgeprune.errors import EdgePruneError
+from edgeprune.models.tiny import build_tiny
+from edgeprune.prune import PruneConfig, prune_model
+from edgeprune.recover import RecoveryConfig, distill, distillation_loss
+
+
+def _kl(student, teacher, windows) -> float:
+    with torch.no_grad():
+        return distillation_loss(student(windows).logits, teacher(windows).logits).item()
+
+
+def test_distillation_loss_is_zero_for_equal_logits_and_positive_otherwise():
+    a = torch.randn(2, 5, 11)
+    assert distillation_loss(a, a).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(a, a + torch.randn_like(a)).item() > 0.01
+
+
+def test_recovery_brings_the_pruned_model_back_towards_the_dense_one():
+    text = load_text("builtin", "calib")
+    lm = build_tiny("llama")
+    teacher = copy.deepcopy(lm.model).eval()
+    held_out = calibration_batches(lm.tokenizer, load_text("builtin", "eval"), 8, 32, seed=5)
+    cfg = dict(ratio=0.4, scorer="piem", allocator="uniform", n_samples=8, seq_len=32)
+    plain = build_tiny("llama")
+    prune_model(plain, PruneConfig(**cfg), text, progress=False)
+    record = prune_model(lm, PruneConfig(**cfg, recover_steps=30, recover_lr=3e-3), text, progress=False)
+    rec = record["recovery"]
+    assert rec["config"]["steps"] == 30 and rec["tokens"] == 30 * 4 * 32
+    assert rec["kl_curve"][-1] < rec["kl_curve"][0]
+    # the same plan, and the distilled student is closer to the dense teacher on text it never trained on
+    assert [s.to_dict() for s in lm.adapter.shapes()] == [s.to_dict() for s in plain.adapter.shapes()]
+    assert _kl(lm.model, teacher, held_out) < 0.8 * _kl(plain.model, teacher, held_out)
+    # gradients are off again and the frozen embedding did not move
+    assert all(p.grad is None for p in lm.model.parameters())
+    assert torch.equal(lm.model.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+
+
+def test_no_recovery_by_default():
+    record = prune_model(build_tiny("llama"), PruneConfig(0.2, n_samples=4, seq_len=16), load_text("builtin", "calib"),
+                         progress=False)
+    assert record["recovery"] is None
+
+
+@pytest.mark.parametrize("bad", [dict(steps=-1), dict(lr=0.0), dict(batch_size=0), dict(ce_weight=1.5),
+                                 dict(temperature=0.0)])
+def test_bad_recovery_options_are_one_line_errors(bad):
+    with pytest.raises(EdgePruneError):
+        RecoveryConfig(**{"steps": 1, **bad}).validate()
+
+
+def test_distill_needs_enough_windows():
+    lm = build_tiny("llama")
+    with pytest.raises(EdgePruneError, match="needs 8 windows"):
+        distill(lm.model, lm.model, torch.zeros(3, 8, dtype=torch.long), RecoveryConfig(steps=2), progress=False)
