@@ -210,8 +210,7 @@ def method_summary(p: dict) -> str:
 
 def _title(data: dict) -> str:
     p = data.get("prune", {}).get("config") or {}
-    what = f"{p.get('scorer', '?').upper()} + {p.get('allocator', '?').upper()}, ratio {p.get('ratio', 0):g}"
-    return f"edgeprune run: {data.get('model')} pruned with {what}"
+    return f"edgeprune run: {data.get('model')} pruned with {method_summary(p)}, ratio {p.get('ratio', 0):g}"
 
 
 def summary_rows(data: dict) -> tuple[list[str], list[list[str]]]:

@@ -29,6 +29,9 @@ out = "{out}"
 ratio = 0.3
 n_samples = 8
 seq_len = 64
+rounds = 2
+reconstruct = true
+recover_steps = 3
 
 [evaluate]
 seq_len = 64
@@ -104,6 +107,10 @@ def test_first_run_computes_every_stage(first_run):
             prof = r[f"profile-{v}-{fmt}-fp32"]
             assert prof["ttft_ms"] > 0 and prof["decode_tokens_per_s"] > 0 and prof["peak_rss_mib"] > 0
     assert r["eval-pruned"]["params"]["total"] < r["eval-baseline"]["params"]["total"]
+    # the whole recipe ran: two rounds, then distillation, recorded in the checkpoint's manifest
+    pruned = json.loads((run / "stages" / "prune" / "model" / "manifest.json").read_text())
+    assert len(pruned["rounds"]) == 2 and pruned["recovery"]["config"]["steps"] == 3
+    assert "2 rounds, least-squares refit, 3 distillation steps" in (run / "report" / "report.md").read_text()
     assert not list(run.rglob(".*.tmp"))  # no temp directories left behind
 
 
