@@ -5,9 +5,11 @@ CPU. Each method runs in its own process, which prunes every ratio from a fresh 
 bench/results/ablation.json; `python bench/report.py` renders it.
 
     python bench/ablate.py [--data ../shared/data] [--ratios 0.2,0.3,0.5] [--methods a,b] [--limit 100]
+    python bench/ablate.py --speed     # then, on a quiet machine: every row's decode speed from its shapes
 
-Several processes with disjoint --methods may run at once (rows are merged on save); with more processes than
-cores, give each one thread (OMP_NUM_THREADS=1).
+Rows named "... + distillation" add recovery (RECOVERY below, ~10 min per row on 2 cores). Several processes
+with disjoint --methods may run at once (rows are merged on save); with more processes than cores, give each one
+thread (OMP_NUM_THREADS=1).
 """
 
 from __future__ import annotations
@@ -161,12 +163,14 @@ def main() -> None:
         run_method(args.one[0], [float(r) for r in args.one[1].split(",")], data, args.tokens, args.limit)
         return
     result = load_result("ablation") or {}
+    if args.speed:
+        if not result.get("rows"):
+            sys.exit("error: no ablation rows to time yet")
+        measure_speeds(result, repeats=3)
+        return
     if result.get("tokens") != args.tokens:
         result = {"tokens": args.tokens, "rows": {}}
     result["piem_weights"] = list(PIEM_WEIGHTS.values())
-    if args.speed:
-        measure_speeds(result, repeats=3)
-        return
 
     def done(key: str) -> bool:  # a row is reused unless this run asks for zero-shot it lacks
         row = result["rows"].get(key)
