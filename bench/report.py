@@ -123,7 +123,8 @@ def _recovery_note(rows: dict) -> str:
     return (f"Recovery (`--recover-steps`): distillation from the dense model (KL to its next-token distribution, "
             f"edgeprune/recover.py), {c['steps']} steps x {c['batch_size']} windows x 128 tokens "
             f"({rec['tokens']:,} tokens) of WikiText-2 *valid*, AdamW, peak lr {c['lr']:g}, every decoder weight "
-            f"trained, embeddings frozen; about {rec['seconds'] / 60:.0f} min per row on this CPU. The same budget "
+            f"trained, embeddings frozen; {rec['seconds'] / 60:.0f} min of wall time per row in these runs (one "
+            "thread each while other ablation jobs shared the 2 cores). The same budget "
             "for every row that has it; the strongest baselines get it too, so each table compares like with like.")
 
 
