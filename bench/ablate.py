@@ -41,6 +41,7 @@ METHODS = {
     "PIEM+LSPS one-shot": OURS,
     "PIEM+LSPS multi-round (K=2)": dict(OURS, rounds=2),
     "PIEM+LSPS multi-round (K=2) without refit": dict(OURS, rounds=2, reconstruct=False),
+    "PIEM+LSPS multi-round (K=3)": dict(OURS, rounds=3),
 }
 # Recovery by distillation from the dense model (edgeprune/recover.py), the same budget for every row that has
 # it: 200 steps x 4 windows x 128 tokens of WikiText-2 valid. The strongest baselines get it too, so the

@@ -210,7 +210,7 @@ def _target_lines(rows: dict, dense: dict | None, ratios: list[float]) -> list[s
         if dense and r == 0.2:
             f = o["ppl"] / dense["ppl"]
             out.append(f"- {r:.0%}: {f:.2f}x the dense PPL ({dense['ppl']:.2f}); target <= {TARGET_FACTOR}x: "
-                       + ("met." if f <= TARGET_FACTOR else f"missed by {100 * (f / TARGET_FACTOR - 1):.0f}%."))
+                       + (f"met ({100 * (1 - f / TARGET_FACTOR):.0f}% under)." if f <= TARGET_FACTOR else f"missed by {100 * (f / TARGET_FACTOR - 1):.0f}%."))
     return out + [""]
 
 
