@@ -112,7 +112,9 @@ def _speed_note(rows: dict) -> str:
                 "while other jobs shared the 2 cores: compare within a column only")
     return ("decode = greedy tokens/s at batch 1 of a model with each row's layer shapes (PyTorch, this CPU), "
             "measured for all rows one after another by `python ablate.py --speed` (3 repeats, medians; decode "
-            "speed depends on the shapes, not the weights)")
+            "speed depends on the shapes, not the weights). Eager PyTorch at batch 1 is bound by per-operator "
+            "overhead more than by weight size and this shared machine's speed drifts between rows, so these "
+            "columns are rough; the exported runtimes' speeds are in the on-device profile below")
 
 
 def _recovery_note(rows: dict) -> str:
