@@ -70,13 +70,12 @@ def decode_speed(model, tokenizer, n_new: int = 32, repeats: int = 1) -> float:
     return statistics.median(speeds)
 
 
-def shaped_model(shapes: list[dict]):
-    """SmolLM2's architecture with the given per-layer widths and random weights: decode speed depends on the
-    shapes only, so every row's speed can be measured again in one quiet pass without re-pruning."""
-    from edgeprune.models import load
+def shaped_model(base_config, shapes: list[dict]):
+    """``base_config``'s architecture with the given per-layer widths and random weights: decode speed depends on
+    the shapes only, so every row's speed can be measured again in one quiet pass without re-pruning."""
     from edgeprune.models.remote_code import EdgePruneConfig, EdgePruneForCausalLM
 
-    base = load("default").model.config.to_dict()
+    base = base_config.to_dict()
     for k in ("model_type", "architectures", "auto_map", "transformers_version"):
         base.pop(k, None)
     cfg = EdgePruneConfig(**{**base, "num_hidden_layers": len(shapes),
@@ -97,7 +96,7 @@ def measure_speeds(result: dict, repeats: int) -> None:
     lm = load("default")
     tokenizer, dense_shapes = lm.tokenizer, [s.to_dict() for s in lm.adapter.shapes()]
     for key, row in result["rows"].items():
-        model = shaped_model(row.get("layer_shapes") or dense_shapes)
+        model = shaped_model(lm.model.config, row.get("layer_shapes") or dense_shapes)
         row["decode_tok_s"] = decode_speed(model, tokenizer, repeats=repeats)
         row["decode_measured"] = f"speed pass, {repeats} repeats, {os.getloadavg()[0]:.1f} load"
         print(f"{key}: {row['decode_tok_s']:.1f} tok/s", flush=True)

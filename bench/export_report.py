@@ -25,6 +25,19 @@ def _speed(row: dict, key: str):
     return None if "error" in s else s.get(key)
 
 
+def _has_speed(row: dict) -> bool:
+    return bool(_speed(row, "decode_tokens_per_s"))
+
+
+def _first_pair(models, first: dict, second: dict, usable, describe) -> str | None:
+    """``describe(model, a, b)`` for the first model whose rows in both variants are usable, else None."""
+    for m in models:
+        a, b = first.get(m), second.get(m)
+        if a and b and usable(a) and usable(b):
+            return describe(m, a, b)
+    return None
+
+
 def _parity(row: dict) -> str:
     p = row.get("parity")
     if not p:
@@ -214,30 +227,21 @@ def int8_paragraph(result: dict) -> list[str]:
         lines[0] += (f" Speed not measured for every qualifying path yet (`python bench/export_table.py --speed` "
                      f"on a quiet machine); the exporter's default is `{default}`"
                      + (", which qualifies." if default_art in qualifying else "."))
-    notes = []
     acc0, acc4 = int8.get("onnx-int8-nbits8-acc0", {}), int8.get("onnx-int8-nbits8", {})
-    for m in models:
-        a, b = acc0.get(m), acc4.get(m)
-        if a and b and _speed(a, "decode_tokens_per_s") and _speed(b, "decode_tokens_per_s"):
-            notes.append(f"accuracy_level 4 vs 0 ({m}): prefill {_speed(b, 'prefill_ms'):.0f} vs "
-                         f"{_speed(a, 'prefill_ms'):.0f} ms, decode {_speed(b, 'decode_tokens_per_s'):.1f} vs "
-                         f"{_speed(a, 'decode_tokens_per_s'):.1f} tok/s")
-            break
-    head = int8.get("onnx-int8-nbits8-floathead", {})
-    for m in models:
-        a, b = head.get(m), acc4.get(m)
-        if a and b and a.get("size_mib") and b.get("size_mib"):
-            notes.append(f"quantizing the tied lm_head and the embedding too ({m}): {a['size_mib']:.0f} -> "
-                         f"{b['size_mib']:.0f} MiB, PPL {a['delta_pct']:+.2f} % -> {b['delta_pct']:+.2f} %")
-            break
-    fp32, opt = by.get("onnx-fp32", {}), by.get("onnx-fp32-opt", {})
-    for m in models:
-        a, b = fp32.get(m), opt.get(m)
-        if a and b and _speed(a, "decode_tokens_per_s") and _speed(b, "decode_tokens_per_s"):
-            notes.append(f"transformer optimizer on fp32 ({m}): prefill {_speed(a, 'prefill_ms'):.0f} -> "
-                         f"{_speed(b, 'prefill_ms'):.0f} ms, decode {_speed(a, 'decode_tokens_per_s'):.1f} -> "
-                         f"{_speed(b, 'decode_tokens_per_s'):.1f} tok/s")
-            break
+    head, fp32, opt = int8.get("onnx-int8-nbits8-floathead", {}), by.get("onnx-fp32", {}), by.get("onnx-fp32-opt", {})
+    notes = [note for note in (
+        _first_pair(models, acc0, acc4, _has_speed, lambda m, a, b: (
+            f"accuracy_level 4 vs 0 ({m}): prefill {_speed(b, 'prefill_ms'):.0f} vs "
+            f"{_speed(a, 'prefill_ms'):.0f} ms, decode {_speed(b, 'decode_tokens_per_s'):.1f} vs "
+            f"{_speed(a, 'decode_tokens_per_s'):.1f} tok/s")),
+        _first_pair(models, head, acc4, lambda r: bool(r.get("size_mib")), lambda m, a, b: (
+            f"quantizing the tied lm_head and the embedding too ({m}): {a['size_mib']:.0f} -> "
+            f"{b['size_mib']:.0f} MiB, PPL {a['delta_pct']:+.2f} % -> {b['delta_pct']:+.2f} %")),
+        _first_pair(models, fp32, opt, _has_speed, lambda m, a, b: (
+            f"transformer optimizer on fp32 ({m}): prefill {_speed(a, 'prefill_ms'):.0f} -> "
+            f"{_speed(b, 'prefill_ms'):.0f} ms, decode {_speed(a, 'decode_tokens_per_s'):.1f} -> "
+            f"{_speed(b, 'decode_tokens_per_s'):.1f} tok/s")),
+    ) if note]
     if notes:
         lines[0] += " Other measurements: " + "; ".join(notes) + "."
     return lines + [""]

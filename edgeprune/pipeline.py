@@ -268,11 +268,9 @@ def prune_config(section: dict):
     """Validate the [prune] section (the same checks as `edgeprune prune`) and build a PruneConfig."""
     from dataclasses import fields
 
-    from edgeprune.allocation.base import check_ratio
     from edgeprune.prune import PruneConfig
 
     s = section
-    check_ratio(s["ratio"])
     options = {}
     if s["piem_weights"]:
         if s["scorer"] != "piem" or len(s["piem_weights"]) != 3:
