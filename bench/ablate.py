@@ -4,10 +4,13 @@ ARC-e, ARC-c, BoolQ, OpenBookQA (first --limit examples per task), parameter cou
 CPU. Each method runs in its own process, which prunes every ratio from a fresh dense model. Writes
 bench/results/ablation.json; `python bench/report.py` renders it.
 
-    python bench/ablate.py [--data ../shared/data] [--ratios 0.2,0.3,0.5] [--methods a,b] [--limit 100]
+    python bench/ablate.py [--data ../shared/data] [--ratios 0.2,0.3,0.5] [--recovery-ratios 0.2,0.3]
+                           [--methods a,b] [--limit 50]
     python bench/ablate.py --speed     # then, on a quiet machine: every row's decode speed from its shapes
 
-Rows named "... + distillation" add recovery (RECOVERY below, ~10 min per row on 2 cores). Several processes
+Every method also has a "... + distillation" variant (recovery, RECOVERY below, ~10 min per row on 2 cores),
+run at --recovery-ratios; its process measures the same pruned model before recovery too, which gives the base
+method's row (with --methods naming only distillation variants, both tables fill from one pruning). Several processes
 with disjoint --methods may run at once (rows are merged on save); with more processes than cores, give each one
 thread (OMP_NUM_THREADS=1).
 """
@@ -20,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from common import GRID_TOKENS, data_dir, load_result, save
+from common import SMALL_GRID_TOKENS, data_dir, load_result, save
 
 # name -> prune options (PruneConfig fields). Published baselines run as published (FLAP with its bias
 # compensation); PIEM alone / LSPS alone / both share the least-squares refit so the rows isolate the scorer and
@@ -44,12 +47,11 @@ METHODS = {
     "PIEM+LSPS multi-round (K=3)": dict(OURS, rounds=3),
 }
 # Recovery by distillation from the dense model (edgeprune/recover.py), the same budget for every row that has
-# it: 200 steps x 4 windows x 128 tokens of WikiText-2 valid. The strongest baselines get it too, so the
-# "with recovery" rows compare like with like.
+# it: 200 steps x 4 windows x 128 tokens of WikiText-2 valid. Every method can have it, so the "with recovery"
+# rows compare like with like.
 RECOVERY = dict(recover_steps=200, recover_lr=4e-4, recover_batch=4)
 DISTILL = " + distillation"
-for _name in ("PIEM+LSPS multi-round (K=2)", "PIEM+LSPS one-shot", "FLAP (fluctuation+global+bias)",
-              "depth (ShortGPT: Block Influence)"):
+for _name in list(METHODS):
     METHODS[_name + DISTILL] = dict(METHODS[_name], **RECOVERY)
 
 
@@ -121,28 +123,46 @@ def evaluate(lm, data: str, tokens: int, limit: int) -> dict:
     return row
 
 
+def _row(method: str, ratio: float, lm, evaluated: dict, record: dict) -> dict:
+    row = {"method": method, "ratio": ratio, **evaluated, "prune_seconds": record.get("seconds"),
+           "layer_shapes": [s.to_dict() for s in lm.adapter.shapes()] if record else None}
+    if record:
+        row["decoder_reduction"] = record["decoder_reduction"]
+        row["allocation"] = [r["allocation"] for r in record["rounds"]]
+        row["sensitivity"] = [r["sensitivity"] for r in record["rounds"]]
+    return row
+
+
 def run_method(method: str, ratios: list[float], data: str, tokens: int, limit: int) -> None:
     """One method at every ratio, in this process: round 1's scores and sensitivities (which see the dense model
-    whatever the ratio) are computed once and shared; every ratio is pruned from a fresh dense model."""
+    whatever the ratio) are computed once and shared; every ratio is pruned from a fresh dense model.
+
+    A "+ distillation" method also measures its pruned model before recovery and emits that as the base method's
+    row: both rows then come from one and the same pruning."""
     from edgeprune.data import load_text
     from edgeprune.models import load
     from edgeprune.prune import PruneConfig, prune_model
 
     cache: dict = {}
     calib = load_text(f"{data}/wikitext-2/tokens/valid.txt", "calib")
+    base = method.removesuffix(DISTILL) if method.endswith(DISTILL) else None
     for ratio in ratios:
         lm = load("default")
-        record = {}
+        record, before = {}, {}
         if ratio > 0:
+            def hook(m, before=before):
+                before["evaluated"] = evaluate(m, data, tokens, limit)
+
             record = prune_model(lm, PruneConfig(ratio=ratio, **METHODS[method]), calib, progress=False,
-                                 cache=cache)
-        row = {"method": method, "ratio": ratio, **evaluate(lm, data, tokens, limit),
-               "prune_seconds": record.get("seconds"), "layer_shapes": record.get("layer_shapes")}
+                                 cache=cache, before_recovery=hook if base else None)
+        if before:
+            row = _row(base, ratio, lm, before["evaluated"], record)
+            row["prune_seconds"] = record["seconds"] - record["recovery"]["seconds"]
+            row["same_pruning_as"] = method
+            print("ROW " + json.dumps(row), flush=True)
+        row = _row(method, ratio, lm, evaluate(lm, data, tokens, limit), record)
         if record:
             row["recovery"] = record["recovery"]
-            row["decoder_reduction"] = record["decoder_reduction"]
-            row["allocation"] = [r["allocation"] for r in record["rounds"]]
-            row["sensitivity"] = [r["sensitivity"] for r in record["rounds"]]
         print("ROW " + json.dumps(row), flush=True)
 
 
@@ -150,9 +170,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data")
     ap.add_argument("--ratios", default="0.2,0.3,0.5")
+    ap.add_argument("--recovery-ratios", default="0.2,0.3",
+                    help="ratios of the '+ distillation' methods (~10 min of distillation per row on 2 cores)")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--tokens", type=int, default=GRID_TOKENS)
-    ap.add_argument("--limit", type=int, default=100,
+    ap.add_argument("--tokens", type=int, default=SMALL_GRID_TOKENS)
+    ap.add_argument("--limit", type=int, default=50,
                     help="zero-shot examples per task (0: skip zero-shot; rows that have it keep it)")
     ap.add_argument("--speed", action="store_true",
                     help="only re-measure every saved row's decode speed from its shapes (run on a quiet machine)")
@@ -168,8 +190,11 @@ def main() -> None:
             sys.exit("error: no ablation rows to time yet")
         measure_speeds(result, repeats=3)
         return
-    if result.get("tokens") != args.tokens:
-        result = {"tokens": args.tokens, "rows": {}}
+    if result.get("rows") and result.get("tokens") != args.tokens:
+        sys.exit(f"error: bench/results/ablation.json holds rows scored on {result['tokens']:,} tokens; rerun with "
+                 f"--tokens {result['tokens']} or move the file away to start a grid on {args.tokens:,}")
+    result.setdefault("rows", {})
+    result["tokens"] = args.tokens
     result["piem_weights"] = list(PIEM_WEIGHTS.values())
 
     def done(key: str) -> bool:  # a row is reused unless this run asks for zero-shot it lacks
@@ -180,9 +205,16 @@ def main() -> None:
     for m in methods:
         if m not in METHODS:
             sys.exit(f"error: unknown method {m!r}; known: {', '.join(METHODS)}")
-    jobs = [("dense", "0")] + [(m, args.ratios) for m in methods]
+    rec = [float(r) for r in args.recovery_ratios.split(",")]
+
+    def ratios_of(m: str) -> list[float]:  # a base method's rows at the recovery ratios come from its variant
+        if m.endswith(DISTILL):
+            return rec
+        return [float(r) for r in args.ratios.split(",") if m + DISTILL not in methods or float(r) not in rec]
+
+    jobs = [("dense", [0.0])] + [(m, ratios_of(m)) for m in methods]
     for method, ratios in jobs:
-        todo = [r for r in ratios.split(",") if not done(f"{method}@{float(r):g}")]
+        todo = [f"{r:g}" for r in ratios if not done(f"{method}@{r:g}")]
         if not todo:
             continue
         cmd = [sys.executable, __file__, "--one", method, ",".join(todo), "--data", data, "--tokens",
@@ -192,7 +224,7 @@ def main() -> None:
                 if not line.startswith("ROW "):
                     continue
                 row = json.loads(line[4:])
-                key = f"{method}@{row['ratio']:g}"
+                key = f"{row['method']}@{row['ratio']:g}"
                 result["rows"][key] = row
                 # merge with rows other ablate processes (other --methods) saved meanwhile
                 latest = load_result("ablation") or {}

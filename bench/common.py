@@ -12,6 +12,8 @@ RESULTS = ROOT / "bench" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 # Grids score every row on the same first N tokens of WikiText-2 raw test (seq 128); headline rows use all.
 GRID_TOKENS = 32768
+# The larger grids (PIEM's term weights, the ablation: dozens of rows, some with recovery) use a quarter of that.
+SMALL_GRID_TOKENS = 8192
 
 
 def data_dir(arg: str | None) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import GRID_TOKENS, data_dir, load_result, save
+from common import SMALL_GRID_TOKENS, data_dir, load_result, save
 
 # (alpha, beta, gamma) = weights of the (weight, gradient, context) terms
 GRID = {
@@ -25,7 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data")
     ap.add_argument("--ratios", default="0.2,0.3")
-    ap.add_argument("--tokens", type=int, default=GRID_TOKENS)
+    ap.add_argument("--tokens", type=int, default=SMALL_GRID_TOKENS)
     ap.add_argument("--rows", default=",".join(GRID), help="subset of rows")
     args = ap.parse_args()
     d = data_dir(args.data)

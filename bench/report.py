@@ -144,14 +144,17 @@ def ablation_section(a: dict) -> list[str]:
     methods = list(dict.fromkeys(r["method"] for r in rows.values() if r["ratio"] > 0))
     groups = {"Without retraining": [m for m in methods if not _recovered(rows, m)],
               "With recovery (distillation from the dense model)": [m for m in methods if _recovered(rows, m)]}
-    limits = sorted({r["zeroshot_limit"] for r in rows.values() if r.get("zeroshot_limit")})
+    # zero-shot columns compare like with like: only rows measured on the dense row's examples
+    limit = (dense or {}).get("zeroshot_limit") if (dense or {}).get("zeroshot_avg_acc") is not None else None
+    pruned = [r for r in rows.values() if r["ratio"] > 0]
+    covered = sum(1 for r in pruned if limit and r.get("zeroshot_limit") == limit and "zeroshot_avg_acc" in r)
     lines = ["## Ablation: scorers x allocators x rounds x recovery (`bench/ablate.py`)", "",
              f"Each row pruned from the dense model with WikiText-2 valid calibration (64 windows of 128 tokens); "
              f"PPL on the first {a['tokens']:,} WikiText-2 test tokens (seq 128, the same windows in every row); "
              f"zero-shot = mean acc over PIQA, ARC-e, ARC-c, BoolQ, OpenBookQA"
-             + (f", first {', '.join(map(str, limits))} examples each, for the rows that show it (CPU time "
-                f"limited it to headline rows; small samples, so differences under a few points are noise)"
-                if limits else "")
+             + (f", first {limit} examples per task ({5 * limit} in all; CPU time limits it), measured for "
+                f"{covered} of the {len(pruned)} pruned rows; one standard error of such an average is up to "
+                f"{100 * (0.25 / (5 * limit)) ** 0.5:.1f} points, so smaller differences are noise" if limit else "")
              + f"; {_speed_note(rows)}. `refit` = least-squares reconstruction "
              "(README, Reconstruction). PIEM rows use PIEM's weights (alpha, beta, gamma) = "
              f"{_piem_weights(a)}; LSPS rows use Block Influence sensitivity, tau 1; methods that name no refit "
@@ -168,7 +171,7 @@ def ablation_section(a: dict) -> list[str]:
 
         def cell(m, r, key, fmt, best=best):
             row = rows.get(f"{m}@{r:g}")
-            if row is None or row.get(key) is None:
+            if row is None or row.get(key) is None or (key == "zeroshot_avg_acc" and row.get("zeroshot_limit") != limit):
                 return "–"
             text = fmt(row[key])
             return f"**{text}**" if key == "ppl" and best.get(r) == m else text
@@ -209,6 +212,10 @@ def _target_lines(rows: dict, dense: dict | None, ratios: list[float]) -> list[s
         verdict = "lowest" if o["ppl"] < rival["ppl"] else "NOT lowest"
         out.append(f"- {r:.0%}: {o['method']} PPL {o['ppl']:.2f} is {verdict}; next best {rival['method']} "
                    f"{rival['ppl']:.2f} (margin {100 * (rival['ppl'] / o['ppl'] - 1):+.1f}%).")
+        one = [x for x in rows.values() if x["ratio"] == r and x["method"].startswith("PIEM+LSPS one-shot")]
+        for x in sorted(ours, key=lambda x: x["method"]) if one else []:
+            out.append(f"- {r:.0%}: {x['method']} vs {one[0]['method']} (same final size): {x['ppl']:.2f} vs "
+                       f"{one[0]['ppl']:.2f} ({100 * (x['ppl'] / one[0]['ppl'] - 1):+.1f}%).")
         if dense and r == 0.2:
             f = o["ppl"] / dense["ppl"]
             out.append(f"- {r:.0%}: {f:.2f}x the dense PPL ({dense['ppl']:.2f}); target <= {TARGET_FACTOR}x: "

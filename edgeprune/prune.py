@@ -110,12 +110,15 @@ def _dense_key(cfg: PruneConfig, calib: Text) -> tuple:
             cfg.bias_compensation and not cfg.reconstruct, calib.sha256)
 
 
-def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache: dict | None = None) -> dict:
+def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache: dict | None = None,
+                before_recovery=None) -> dict:
     """Prune ``lm`` in place. Returns a JSON-ready record (plan in original indices, allocation, sensitivities,
     parameter counts, timings).
 
     ``cache``: a dict shared between calls that prune the same dense model (an ablation over ratios): round 1's
-    scores and sensitivities depend on the dense model and the calibration, not on the ratio, and are reused."""
+    scores and sensitivities depend on the dense model and the calibration, not on the ratio, and are reused.
+    ``before_recovery``: called with ``lm`` after the last round and before distillation (when recovery is on),
+    so a benchmark can measure the same pruned model with and without recovery."""
     import resource
 
     cfg.validate()
@@ -167,6 +170,10 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
                        "scoring_seconds": scores.meta["seconds"]})
     recovery = None
     if teacher is not None:
+        if before_recovery is not None:
+            paused = time.perf_counter()
+            before_recovery(lm)
+            start += time.perf_counter() - paused  # the record's seconds count pruning and recovery only
         rc = cfg.recovery()
         windows = calibration_batches(lm.tokenizer, calib, rc.steps * rc.batch_size, cfg.seq_len, rc.seed)
         recovery = distill(lm.model, teacher, windows, rc, progress=progress)

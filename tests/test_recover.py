@@ -70,3 +70,25 @@ def test_cross_entropy_share_mixes_into_the_loss():
     rec = distill(lm.model, teacher, windows, RecoveryConfig(steps=2, batch_size=2, ce_weight=0.5), progress=False)
     assert rec["kl_curve"][0] > 1e-4
     assert any(not torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))
+
+
+def test_before_recovery_hook_sees_the_pruned_model_before_distillation():
+    text = load_text("builtin", "calib")
+    cfg = dict(ratio=0.4, scorer="piem", allocator="uniform", n_samples=8, seq_len=32)
+    plain = build_tiny("llama")
+    prune_model(plain, PruneConfig(**cfg), text, progress=False)
+    seen = {}
+
+    def hook(lm):
+        seen["state"] = {k: v.clone() for k, v in lm.model.state_dict().items()}
+
+    lm = build_tiny("llama")
+    prune_model(lm, PruneConfig(**cfg, recover_steps=5, recover_lr=3e-3), text, progress=False, before_recovery=hook)
+    # the hook saw exactly what pruning without recovery gives; distillation changed the model afterwards
+    assert seen["state"].keys() == plain.model.state_dict().keys()
+    assert all(torch.equal(seen["state"][k], v) for k, v in plain.model.state_dict().items())
+    assert any(not torch.equal(seen["state"][k], v) for k, v in lm.model.state_dict().items())
+    # without recovery there is nothing to be before: the hook is not called
+    seen.clear()
+    prune_model(build_tiny("llama"), PruneConfig(**cfg), text, progress=False, before_recovery=hook)
+    assert not seen
