@@ -109,7 +109,8 @@ def reuse_speed(rows: dict, row: dict) -> None:
     """Give ``row`` the speed-pass decode speed of a row with the same layer shapes, when there is one: decode
     speed depends on the shapes only, and one quiet pass is comparable across rows where times taken during a
     pruning run (under whatever else the machine ran) are not."""
-    for other in rows.values():
+    same = rows.get(f"{row['method']}@{row['ratio']:g}")  # the row this one replaces comes first
+    for other in ([same] if same else []) + list(rows.values()):
         if other.get("decode_measured") and other.get("layer_shapes") == row.get("layer_shapes"):
             row["decode_tok_s"], row["decode_measured"] = other["decode_tok_s"], other["decode_measured"]
             return
@@ -206,6 +207,10 @@ def main() -> None:
     result.setdefault("rows", {})
     result["tokens"] = args.tokens
     result["piem_weights"] = list(PIEM_WEIGHTS.values())
+
+    for row in result["rows"].values():  # rows saved before a speed pass measured their shapes
+        if not row.get("decode_measured"):
+            reuse_speed(result["rows"], row)
 
     def done(key: str) -> bool:  # a row is reused unless this run asks for zero-shot it lacks
         row = result["rows"].get(key)

@@ -114,20 +114,35 @@ def _speed_note(rows: dict) -> str:
             "measured for all rows one after another by `python ablate.py --speed` (3 repeats, medians; decode "
             "speed depends on the shapes, not the weights). Eager PyTorch at batch 1 is bound by per-operator "
             "overhead more than by weight size and this shared machine's speed drifts between rows, so these "
-            "columns are rough; the exported runtimes' speeds are in the on-device profile below")
+            f"columns are rough{_speed_spread(rows)}; the exported runtimes' speeds are in the on-device profile "
+            "below")
+
+
+def _speed_spread(rows: dict) -> str:
+    """How far apart two timings of the same layer shapes landed: the speed columns' own error bar."""
+    import json
+
+    timed: dict[str, set[float]] = {}
+    for r in rows.values():
+        if r.get("decode_measured") and r.get("layer_shapes"):
+            timed.setdefault(json.dumps(r["layer_shapes"]), set()).add(round(r["decode_tok_s"], 3))
+    spread = max((max(v) / min(v) - 1 for v in timed.values() if len(v) > 1), default=None)
+    return "" if spread is None else (f" (rows with identical layer shapes, timed separately, differ by up to "
+                                      f"{100 * spread:.0f}%)")
 
 
 def _recovery_note(rows: dict) -> str:
-    rec = next((r["recovery"] for r in rows.values() if r.get("recovery")), None)
-    if not rec:
+    recs = [r["recovery"] for r in rows.values() if r.get("recovery")]
+    if not recs:
         return ""
+    rec, minutes = recs[0], sorted(r["seconds"] / 60 for r in recs)
     c = rec["config"]
     return (f"Recovery (`--recover-steps`): distillation from the dense model (KL to its next-token distribution, "
             f"edgeprune/recover.py), {c['steps']} steps x {c['batch_size']} windows x 128 tokens "
             f"({rec['tokens']:,} tokens) of WikiText-2 *valid*, AdamW, peak lr {c['lr']:g}, every decoder weight "
-            f"trained, embeddings frozen; {rec['seconds'] / 60:.0f} min of wall time per row in these runs (one "
-            "thread each while other ablation jobs shared the 2 cores). The same budget "
-            "for every row that has it; the strongest baselines get it too, so each table compares like with like.")
+            f"trained, embeddings frozen; {minutes[0]:.0f}-{minutes[-1]:.0f} min of distillation wall time per row "
+            "on this 2-core CPU (the longer ones shared it with another job). The same budget for every row of "
+            "this table, baselines included, so it compares like with like.")
 
 
 def _method_row(m: str, ratios: list[float], cell) -> str:
@@ -188,12 +203,21 @@ def ablation_section(a: dict) -> list[str]:
                          + " | ".join(f"{dense['decode_tok_s']:.1f}" for _ in ratios) + " |")
         lines += [_method_row(m, ratios, cell) for m in members]
         lines += ["", "Lowest PPL per ratio in this table in bold.", ""] + _target_lines(group, dense, ratios)
+        if _recovered(rows, members[0]):
+            lines += _missing_recovery(rows, groups["Without retraining"], 0.2)
     lines += _zeroshot_tasks(rows, dense, limit, 0.2)
     _plot_ppl({m: [(r, rows[f"{m}@{r:g}"]["ppl"]) for r in ratios if f"{m}@{r:g}" in rows] for m in methods},
               ROOT / "bench" / "ablation.png", dense["ppl"] if dense else None, "Ablation on SmolLM2-135M",
               size=(7.5, 5), legend_size=6.5, bold="PIEM+LSPS", dotted="distillation")
     lines += ["![PPL vs ratio per method](bench/ablation.png)", ""]
     return lines
+
+
+def _missing_recovery(rows: dict, plain: list[str], ratio: float) -> list[str]:
+    """Name the methods that have no recovered row at ``ratio``, so "lowest" above is read against what ran."""
+    missing = [m for m in plain if f"{m} + distillation@{ratio:g}" not in rows]
+    return [f"Not distilled at {ratio:.0%} (CPU time): {', '.join(missing)}; the comparison above covers the "
+            "recovered rows only.", ""] if missing else []
 
 
 def _zeroshot_tasks(rows: dict, dense: dict | None, limit: int | None, ratio: float) -> list[str]:
