@@ -8,7 +8,7 @@ bench/results/ablation.json; `python bench/report.py` renders it.
                            [--methods a,b] [--limit 50]
     python bench/ablate.py --speed     # then, on a quiet machine: every row's decode speed from its shapes
 
-Every method also has a "... + distillation" variant (recovery, RECOVERY below, ~10 min per row on 2 cores),
+Every method also has a "... + distillation" variant (recovery, RECOVERY below, 10-20 min per row on 2 cores),
 run at --recovery-ratios; its process measures the same pruned model before recovery too, which gives the base
 method's row (with --methods naming only distillation variants, both tables fill from one pruning). Several processes
 with disjoint --methods may run at once (rows are merged on save); with more processes than cores, give each one
@@ -182,7 +182,7 @@ def main() -> None:
     ap.add_argument("--data")
     ap.add_argument("--ratios", default="0.2,0.3,0.5")
     ap.add_argument("--recovery-ratios", default="0.2,0.3",
-                    help="ratios of the '+ distillation' methods (~10 min of distillation per row on 2 cores)")
+                    help="ratios of the '+ distillation' methods (10-20 min of distillation per row on 2 cores)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--tokens", type=int, default=SMALL_GRID_TOKENS)
     ap.add_argument("--limit", type=int, default=50,
