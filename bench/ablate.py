@@ -134,9 +134,9 @@ def evaluate(lm, data: str, tokens: int, limit: int) -> dict:
     return row
 
 
-def _row(method: str, ratio: float, lm, evaluated: dict, record: dict) -> dict:
+def _row(method: str, ratio: float, evaluated: dict, record: dict) -> dict:
     row = {"method": method, "ratio": ratio, **evaluated, "prune_seconds": record.get("seconds"),
-           "layer_shapes": [s.to_dict() for s in lm.adapter.shapes()] if record else None}
+           "layer_shapes": record.get("layer_shapes")}
     if record:
         row["decoder_reduction"] = record["decoder_reduction"]
         row["allocation"] = [r["allocation"] for r in record["rounds"]]
@@ -167,11 +167,11 @@ def run_method(method: str, ratios: list[float], data: str, tokens: int, limit: 
             record = prune_model(lm, PruneConfig(ratio=ratio, **METHODS[method]), calib, progress=False,
                                  cache=cache, before_recovery=hook if base else None)
         if before:
-            row = _row(base, ratio, lm, before["evaluated"], record)
+            row = _row(base, ratio, before["evaluated"], record)
             row["prune_seconds"] = record["seconds"] - record["recovery"]["seconds"]
             row["same_pruning_as"] = method
             print("ROW " + json.dumps(row), flush=True)
-        row = _row(method, ratio, lm, evaluate(lm, data, tokens, limit), record)
+        row = _row(method, ratio, evaluate(lm, data, tokens, limit), record)
         if record:
             row["recovery"] = record["recovery"]
         print("ROW " + json.dumps(row), flush=True)

@@ -215,7 +215,9 @@ def ablation_section(a: dict) -> list[str]:
 
 def _missing_recovery(rows: dict, plain: list[str], ratio: float) -> list[str]:
     """Name the methods that have no recovered row at ``ratio``, so "lowest" above is read against what ran."""
-    missing = [m for m in plain if f"{m} + distillation@{ratio:g}" not in rows]
+    from ablate import DISTILL
+
+    missing = [m for m in plain if f"{m}{DISTILL}@{ratio:g}" not in rows]
     return [f"Not distilled at {ratio:.0%} (CPU time): {', '.join(missing)}; the comparison above covers the "
             "recovered rows only.", ""] if missing else []
 
