@@ -3,25 +3,27 @@
 - Every layer the same shape: a normal config of the base family (fewer heads / channels / layers), loadable
   with ``AutoModelForCausalLM.from_pretrained(dir)`` and no extra code.
 - Per-layer shapes: the config gets per-layer lists and an ``auto_map`` to ``modeling_edgeprune.py`` written
-  into the directory, loadable with ``trust_remote_code=True``. No pickled modules anywhere: weights are
-  safetensors.
+  into the directory (``models/remote_code.py`` with the family's layout filled in), loadable with
+  ``trust_remote_code=True``. No pickled modules anywhere: weights are safetensors.
+
+It knows the on-disk format, not how the model was pruned nor any family's module names (the family table
+supplies them).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+from edgeprune.adapters.base import is_uniform
+from edgeprune.adapters.families import LAYER_KEYS, remote_layout
 from edgeprune.io import MANIFEST, atomic_dir, manifest, write_json
 
-LAYER_KEYS = ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size", "layer_attention_out_bias",
-              "layer_mlp_out_bias")
 REMOTE_FILE = "modeling_edgeprune.py"
 
 
 def _plain_config_ok(adapter, cfg: dict) -> bool:
-    from edgeprune.adapters.llama import is_uniform
-
     if not is_uniform(adapter.shapes()):
         return False
     if any(cfg.get("layer_attention_out_bias") or []) or any(cfg.get("layer_mlp_out_bias") or []):
@@ -38,8 +40,14 @@ def _plain_config_ok(adapter, cfg: dict) -> bool:
 
 
 def remote_code_source(family: str) -> str:
+    """``models/remote_code.py`` with FAMILY and LAYOUT set for ``family``."""
     src = (Path(__file__).parent / "models" / "remote_code.py").read_text()
-    return src.replace('FAMILY = "llama"', f'FAMILY = "{family}"', 1)
+    src = src.replace('FAMILY = "llama"', f'FAMILY = "{family}"', 1)
+    src, n = re.subn(r"^LAYOUT = .*$", lambda _m: f"LAYOUT = {remote_layout(family)!r}  # noqa: E501", src,
+                     count=1, flags=re.M)
+    if n != 1:
+        raise AssertionError("remote_code.py has no LAYOUT line")
+    return src
 
 
 def save_checkpoint(lm, out_dir: str | Path, fields: dict) -> Path:

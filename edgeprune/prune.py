@@ -90,13 +90,13 @@ def compensation_biases(adapter, plan: PruningPlan, means: dict) -> tuple[dict, 
             if lp.drop:
                 continue
             if layer.has_attention and m.get("attention") is not None and len(lp.heads) < layer.num_heads:
-                o = layer.attention_projections()[3]
+                o = layer.attention_projections().o
                 d = layer.head_dim
                 gone = [h * d + i for h in range(layer.num_heads) if h not in set(lp.heads) for i in range(d)]
                 idx = torch.tensor(gone, dtype=torch.long)
                 attn[layer.index] = o.weight[:, idx] @ m["attention"][idx].to(o.weight.dtype)
             if layer.has_mlp and m.get("mlp") is not None and len(lp.channels) < layer.intermediate_size:
-                down = layer.mlp_projections()[2]
+                down = layer.mlp_projections().down
                 keep = set(lp.channels)
                 idx = torch.tensor([c for c in range(layer.intermediate_size) if c not in keep], dtype=torch.long)
                 mlp[layer.index] = down.weight[:, idx] @ m["mlp"][idx].to(down.weight.dtype)

@@ -104,15 +104,15 @@ def apply_plan_reconstruct(adapter, plan: PruningPlan, batches: torch.Tensor, mi
         if lp.drop:  # a dropped layer passes its input through
             continue
         if layer.has_attention and (len(lp.heads) < layer.num_heads):
-            o = layer.attention_projections()[3]
+            o = layer.attention_projections().o
             gram = _gram_of_input(layer.layer, o, inputs)
             keep = _dims(lp.heads, layer.head_dim)
             w, b = refit(o.weight.data, o.bias.data if o.bias is not None else None, gram, keep, damp)
             cut_attention(layer, lp, b)
             if lp.kv_heads:
-                _set(layer.attention_projections()[3], w, b)
+                _set(layer.attention_projections().o, w, b)
         if layer.has_mlp and len(lp.channels) < layer.intermediate_size:
-            down = layer.mlp_projections()[2]
+            down = layer.mlp_projections().down
             gram = _gram_of_input(layer.layer, down, inputs)
             keep = torch.tensor(lp.channels, dtype=torch.long)
             b0 = down.bias.data if down.bias is not None else None
@@ -122,7 +122,7 @@ def apply_plan_reconstruct(adapter, plan: PruningPlan, batches: torch.Tensor, mi
                 w, b = down.weight.data[:, keep], bias_only(down.weight.data, b0, gram, keep)
             cut_mlp(layer, lp, b)
             if lp.channels:
-                _set(layer.mlp_projections()[2], w, b)
+                _set(layer.mlp_projections().down, w, b)
         with torch.no_grad():
             inputs = [(_run_layer(layer.layer, hidden, kw), kw) for hidden, kw in inputs]
         record.append(lp.index)

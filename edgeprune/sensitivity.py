@@ -113,17 +113,17 @@ def _loss_probe(adapter, scores, batches, probe_ratio, attn_unit, progress) -> l
             heads, kv, ch, a_params, m_params = _probe_units(layer, s, probe_ratio, attn_unit)
             sens = {"attention": 0.0, "mlp": 0.0}
             if layer.has_attention and heads:
-                q, k, v, o = layer.attention_projections()
+                a = layer.attention_projections()
                 d = layer.head_dim
-                items = [(q.weight, 0, _rows(heads, d)), (o.weight, 1, _rows(heads, d))]
+                items = [(a.q.weight, 0, _rows(heads, d)), (a.o.weight, 1, _rows(heads, d))]
                 if kv:
-                    items += [(k.weight, 0, _rows(kv, d)), (v.weight, 0, _rows(kv, d))]
+                    items += [(a.k.weight, 0, _rows(kv, d)), (a.v.weight, 0, _rows(kv, d))]
                 with _Masked(items):
                     sens["attention"] = (_loss(adapter.model, batches) - base) / max(a_params, 1)
             if layer.has_mlp and ch:
-                gate, up, down = layer.mlp_projections()
+                m = layer.mlp_projections()
                 idx = torch.tensor(ch, dtype=torch.long)
-                with _Masked([(gate.weight, 0, idx), (up.weight, 0, idx), (down.weight, 1, idx)]):
+                with _Masked([(m.gate.weight, 0, idx), (m.up.weight, 0, idx), (m.down.weight, 1, idx)]):
                     sens["mlp"] = (_loss(adapter.model, batches) - base) / max(m_params, 1)
             out.append(LayerSensitivity(layer.index, sens["attention"], sens["mlp"]))
     return out

@@ -61,10 +61,10 @@ def cut_attention(layer, lp, bias: torch.Tensor | None = None) -> bool:
     if lp.heads == list(range(layer.num_heads)) and bias is None:
         return False
     with torch.no_grad():
-        q, k, v, o = layer.attention_projections()
+        a = layer.attention_projections()
         hd = layer.head_dim
         qi, kvi = _dims(lp.heads, hd), _dims(lp.kv_heads, hd)
-        layer.replace_attention(_rows(q, qi), _rows(k, kvi), _rows(v, kvi), _with_bias(_cols(o, qi), bias))
+        layer.replace_attention(_rows(a.q, qi), _rows(a.k, kvi), _rows(a.v, kvi), _with_bias(_cols(a.o, qi), bias))
     return True
 
 
@@ -78,9 +78,9 @@ def cut_mlp(layer, lp, bias: torch.Tensor | None = None) -> bool:
     if lp.channels == list(range(layer.intermediate_size)) and bias is None:
         return False
     with torch.no_grad():
-        gate, up, down = layer.mlp_projections()
+        m = layer.mlp_projections()
         ci = torch.tensor(lp.channels, dtype=torch.long)
-        layer.replace_mlp(_rows(gate, ci), _rows(up, ci), _with_bias(_cols(down, ci), bias))
+        layer.replace_mlp(_rows(m.gate, ci), _rows(m.up, ci), _with_bias(_cols(m.down, ci), bias))
     return True
 
 
@@ -102,19 +102,19 @@ def mask_plan(adapter, plan: PruningPlan) -> None:
             if lp.drop:
                 raise ValueError("mask_plan does not support dropped layers")
             if layer.has_attention:
-                q, k, v, o = layer.attention_projections()
+                a = layer.attention_projections()
                 hd = layer.head_dim
                 gone_h = _dims([h for h in range(layer.num_heads) if h not in lp.heads], hd)
                 gone_kv = _dims([h for h in range(layer.num_kv_heads) if h not in lp.kv_heads], hd)
-                for lin, idx in ((q, gone_h), (k, gone_kv), (v, gone_kv)):
+                for lin, idx in ((a.q, gone_h), (a.k, gone_kv), (a.v, gone_kv)):
                     lin.weight[idx] = 0
                     if lin.bias is not None:
                         lin.bias[idx] = 0
-                o.weight[:, gone_h] = 0
+                a.o.weight[:, gone_h] = 0
             if layer.has_mlp:
-                gate, up, down = layer.mlp_projections()
+                m = layer.mlp_projections()
                 gone = torch.tensor([c for c in range(layer.intermediate_size) if c not in set(lp.channels)],
                                     dtype=torch.long)
-                gate.weight[gone] = 0
-                up.weight[gone] = 0
-                down.weight[:, gone] = 0
+                m.gate.weight[gone] = 0
+                m.up.weight[gone] = 0
+                m.down.weight[:, gone] = 0

@@ -76,7 +76,8 @@ OPTIMIZE_DEFAULT = False
 # the wrapper that torch traces
 
 
-def _wrapper(model, kv_layers: list[int], family: str):
+def _wrapper(model, kv_layers: list[int], spec):
+    """``spec``: the family's row of ``edgeprune.adapters.families`` (how it chooses sliding-window layers)."""
     import torch
     from torch import nn
     from transformers import DynamicCache
@@ -85,7 +86,9 @@ def _wrapper(model, kv_layers: list[int], family: str):
     n_layers = config.num_hidden_layers
     head_dim = config.head_dim
     window = getattr(config, "sliding_window", None)
-    if family == "qwen2" and not getattr(config, "use_sliding_window", False):
+    if spec.sliding_window == "use_sliding_window" and not getattr(config, "use_sliding_window", False):
+        window = None
+    if not spec.sliding_window:
         window = None
     layer_types = list(getattr(config, "layer_types", None) or [])
 
@@ -112,11 +115,9 @@ def _wrapper(model, kv_layers: list[int], family: str):
             mask = additive(full)
             if window:
                 sliding = additive(full & (q_idx - k_idx < window).view(1, 1, q, kv))
-                if family == "qwen2":
-                    mask = {"full_attention": mask, "sliding_attention": sliding}
-                elif family == "mistral":
+                if spec.sliding_window == "all":
                     mask = sliding
-                elif layer_types:
+                elif layer_types:  # the model picks each layer's mask by config.layer_types
                     mask = {"full_attention": mask, "sliding_attention": sliding}
             cache = DynamicCache()
             it = iter(past)
@@ -161,7 +162,7 @@ def _export_fp32(lm, path: Path) -> dict:
     model.config.use_cache = True
     kv_layers, kv_heads = _kv_layout(lm)
     head_dim = lm.adapter.head_dim
-    wrapper = _wrapper(model, kv_layers, lm.adapter.family)
+    wrapper = _wrapper(model, kv_layers, lm.adapter.spec)
     # a left-padded batch with a non-empty past: the traced path is the general one (every size is dynamic)
     b, s, p = 2, 7, 5
     vocab = model.config.vocab_size
@@ -475,9 +476,9 @@ def smooth_model(lm, alpha: float = SMOOTH_ALPHA, n_samples: int = 16, seq_len: 
     hooks = []
     for layer in lm.adapter.layers:
         if layer.has_attention:
-            hooks.append(layer.attention_projections()[0].register_forward_pre_hook(hook(("attn", layer.index))))
+            hooks.append(layer.attention_projections().q.register_forward_pre_hook(hook(("attn", layer.index))))
         if layer.has_mlp:
-            hooks.append(layer.mlp_projections()[0].register_forward_pre_hook(hook(("mlp", layer.index))))
+            hooks.append(layer.mlp_projections().gate.register_forward_pre_hook(hook(("mlp", layer.index))))
     try:
         with torch.no_grad():
             for b in range(0, batches.shape[0], 4):
@@ -486,23 +487,36 @@ def smooth_model(lm, alpha: float = SMOOTH_ALPHA, n_samples: int = 16, seq_len: 
         for h in hooks:
             h.remove()
     blocks = 0
+    offset = lm.adapter.spec.norm_offset  # Gemma's RMSNorm scales by (1 + w)
     with torch.no_grad():
         for layer in lm.adapter.layers:
             if layer.has_attention:
-                _fold(amax[("attn", layer.index)], layer.attention_input_norm, layer.attention_projections()[:3], alpha)
+                _fold(amax[("attn", layer.index)], layer.attention_input_norm, _qkv(layer), alpha, offset)
                 blocks += 1
             if layer.has_mlp:
-                _fold(amax[("mlp", layer.index)], layer.mlp_input_norm, layer.mlp_projections()[:2], alpha)
+                _fold(amax[("mlp", layer.index)], layer.mlp_input_norm, _gate_up(layer), alpha, offset)
                 blocks += 1
     return {"alpha": alpha, "calibration": list(batches.shape), "blocks": blocks}
 
 
-def _fold(act, norm, linears, alpha: float) -> None:
+def _qkv(layer) -> list:
+    a = layer.attention_projections()
+    return [a.q, a.k, a.v]
+
+
+def _gate_up(layer) -> list:
+    m = layer.mlp_projections()
+    return [m.gate, m.up]
+
+
+def _fold(act, norm, linears, alpha: float, offset: float = 0.0) -> None:
+    """Move a per-channel scale s from the activations into the weights: the norm's effective scale
+    (offset + w) is divided by s, the following projections' input columns multiplied by it."""
     import torch
 
     w = torch.cat([lin.weight.detach().abs() for lin in linears], 0).amax(0).float()
     s = (act.clamp(min=1e-5) ** alpha / w.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
-    norm.weight.div_(s.to(norm.weight.dtype))
+    norm.weight.copy_((norm.weight + offset) / s.to(norm.weight.dtype) - offset)
     for lin in linears:
         lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
 

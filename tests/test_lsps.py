@@ -124,7 +124,7 @@ def test_bias_compensation_restores_the_mean_output(tiny, batches):
     attn, mlp = compensation_biases(tiny.adapter, plan, means)
     assert set(mlp) == {0, 1, 2}
     apply_plan(tiny.adapter, plan, attention_bias=attn, mlp_bias=mlp)
-    down = tiny.adapter.layers[0].mlp_projections()[2]
+    down = tiny.adapter.layers[0].mlp_projections().down
     assert down.bias is not None and torch.allclose(down.bias, mlp[0])
 
 

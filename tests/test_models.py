@@ -14,9 +14,9 @@ def test_adapter_exposes_layout(tiny):
     assert len(a.layers) == 3 and a.head_dim == 16
     layer = a.layers[0]
     assert (layer.num_heads, layer.num_kv_heads, layer.group_size, layer.intermediate_size) == (6, 2, 3, 128)
-    q, k, v, o = layer.attention_projections()
-    assert q.out_features == 96 and k.out_features == 32 and o.in_features == 96
-    assert (q.bias is not None) == (a.family == "qwen2")
+    a_ = layer.attention_projections()
+    assert a_.q.out_features == 96 and a_.k.out_features == 32 and a_.o.in_features == 96
+    assert (a_.q.bias is not None) == layer.biases.q == (a.family == "qwen2")
 
 
 def test_param_counts_add_up(tiny):

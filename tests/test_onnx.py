@@ -35,7 +35,7 @@ def real_plan(lm):
     from edgeprune.plan import LayerPlan, PruningPlan
 
     act = {}
-    hooks = [layer.mlp_projections()[2].register_forward_pre_hook(
+    hooks = [layer.mlp_projections().down.register_forward_pre_hook(
         lambda mod, inp, i=layer.index: act.__setitem__(i, act.get(i, 0) + inp[0].abs().sum((0, 1))))
         for layer in lm.adapter.layers]
     with torch.no_grad():
@@ -53,7 +53,7 @@ def real_plan(lm):
             heads, kv = [3, 4, 5], [1]
         else:
             heads, kv = list(range(9)), [0, 1, 2]
-        score = act[i] * layer.mlp_projections()[2].weight.norm(dim=0)
+        score = act[i] * layer.mlp_projections().down.weight.norm(dim=0)
         k = (1536, 1408, 1280, 1408)[i % 4]
         layers.append(LayerPlan(i, heads, kv, sorted(score.topk(k).indices.tolist())))
     return PruningPlan(layers)

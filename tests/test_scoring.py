@@ -40,16 +40,16 @@ def test_taylor_matches_autograd(tiny, batches):
     logits = model(batches).logits[:, :-1]
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batches[:, 1:].reshape(-1))
     layer = tiny.adapter.layers[1]
-    gate, up, down = layer.mlp_projections()
-    gg, gu, gd = torch.autograd.grad(loss, [gate.weight, up.weight, down.weight])
-    expected = (gate.weight * gg).abs().sum(1) + (up.weight * gu).abs().sum(1) + (down.weight * gd).abs().sum(0)
+    m = layer.mlp_projections()
+    gg, gu, gd = torch.autograd.grad(loss, [m.gate.weight, m.up.weight, m.down.weight])
+    expected = (m.gate.weight * gg).abs().sum(1) + (m.up.weight * gu).abs().sum(1) + (m.down.weight * gd).abs().sum(0)
     assert torch.allclose(scores.layers[1].channels.float(), expected.detach(), rtol=1e-3, atol=1e-9)
 
 
 def test_magnitude_is_the_norm_of_coupled_weights(tiny):
     s = score_model(tiny.adapter, make_scorer("magnitude"), torch.zeros(1, 2, dtype=torch.long), progress=False)
-    gate, up, down = tiny.adapter.layers[0].mlp_projections()
-    ref = torch.sqrt(gate.weight.pow(2).sum(1) + up.weight.pow(2).sum(1) + down.weight.pow(2).sum(0))
+    m = tiny.adapter.layers[0].mlp_projections()
+    ref = torch.sqrt(m.gate.weight.pow(2).sum(1) + m.up.weight.pow(2).sum(1) + m.down.weight.pow(2).sum(0))
     assert torch.allclose(s.layers[0].channels.float(), ref.detach(), rtol=1e-5)
 
 
@@ -59,7 +59,7 @@ def test_piem_context_term_is_the_output_energy(tiny, batches):
     layer = tiny.adapter.layers[0]
     stats, _ = collect_layer_stats(layer, inputs)
     captured = []
-    o = layer.attention_projections()[3]
+    o = layer.attention_projections().o
     h = o.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
     with torch.no_grad():
         tiny.model(batches)

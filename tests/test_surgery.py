@@ -42,7 +42,7 @@ def test_surgery_equals_masking(tiny):
     mask_plan(get_adapter(masked), plan)
     apply_plan(tiny.adapter, plan)
     assert [s.num_heads for s in tiny.adapter.shapes()] == [3, 4, 0]
-    assert tiny.adapter.layers[0].attention_projections()[0].out_features == 48  # physically smaller
+    assert tiny.adapter.layers[0].attention_projections().q.out_features == 48  # physically smaller
     assert torch.allclose(logits(tiny.model), logits(masked), atol=1e-5)
 
 

@@ -32,7 +32,7 @@ def unit_costs_layer(layer, attn_unit: str = "group") -> UnitCosts:
 
     hidden = layer.attention_input_norm.weight.shape[0]
     d, g, kv = layer.head_dim, layer.group_size, layer.num_kv_heads
-    q_bias = 1 if layer.has_attention and layer.attention_projections()[0].bias is not None else 0
+    q_bias = 1 if layer.has_attention and layer.biases.q else 0
     head_params = 2 * d * hidden + q_bias * d  # q rows and o columns of one query head
     kv_params = 2 * d * hidden + 2 * q_bias * d  # k and v rows of one KV head
     if not layer.has_attention:
@@ -41,7 +41,7 @@ def unit_costs_layer(layer, attn_unit: str = "group") -> UnitCosts:
         n_attn, attn_cost = kv, g * head_params + kv_params
     else:
         n_attn, attn_cost = g, kv * head_params
-    gate_bias = 1 if layer.has_mlp and layer.mlp_projections()[0].bias is not None else 0
+    gate_bias = 1 if layer.has_mlp and layer.biases.gate else 0
     counts = layer_param_counts(layer)
     return UnitCosts(layer.index, n_attn, attn_cost, layer.intermediate_size, 3 * hidden + 2 * gate_bias,
                      counts["norms"])

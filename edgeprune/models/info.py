@@ -11,7 +11,8 @@ def layer_param_counts(layer) -> dict[str, int]:
     """Parameters of one decoder layer: attention, MLP and norms (a removed block counts its bias only)."""
     attn = _numel(layer.attention)
     mlp = _numel(layer.mlp)
-    norms = _numel(layer.attention_input_norm) + _numel(layer.mlp_input_norm)
+    n = layer.norms()  # q/k norms live inside the attention block and count there
+    norms = sum(_numel(m) for m in (n.attention_input, n.mlp_input, n.attention_output, n.mlp_output))
     return {"attention": attn, "mlp": mlp, "norms": norms, "total": attn + mlp + norms}
 
 

@@ -114,9 +114,11 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
     try:
         if model_type.startswith("edgeprune_"):
             # our own non-uniform checkpoint: use the packaged copy of its modeling code (no remote code)
+            from edgeprune.adapters.families import remote_layout
             from edgeprune.models import remote_code
 
-            _, cls = remote_code.make_classes(model_type.removeprefix("edgeprune_"))
+            family = model_type.removeprefix("edgeprune_")
+            _, cls = remote_code.make_classes(family, remote_layout(family))
             model = cls.from_pretrained(path, dtype=torch.float32)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

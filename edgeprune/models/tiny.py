@@ -25,6 +25,27 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+# per-family extras: each family's quirks switched on, so the tiny model exercises them (HF model_type, overrides)
+TINY_FAMILIES = {
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {}),
+    "qwen2": ("qwen2", {"use_sliding_window": False}),
+    # Llama 3: llama3 RoPE scaling (a config setting of the llama family)
+    "llama3": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 64}}),
+    "qwen3": ("qwen3", {"use_sliding_window": False}),
+    # Gemma 3: head_dim (24) is not hidden/heads (16), sliding-window layers with a small window, GeGLU,
+    # (1 + w) norms, scaled embeddings, q/k norms
+    "gemma3_text": ("gemma3_text", {"head_dim": 24, "query_pre_attn_scalar": 24, "sliding_window": 8,
+                                    "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),
+    # Phi-3: fused qkv_proj / gate_up_proj; partial rotary as Phi-4-mini
+    "phi3": ("phi3", {"partial_rotary_factor": 0.75}),
+    "glm": ("glm", {}),
+    "glm4": ("glm4", {}),
+}
+
+
 def build_tiny(family: str = "llama", seed: int = 0, **overrides) -> LoadedModel:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -32,11 +53,12 @@ def build_tiny(family: str = "llama", seed: int = 0, **overrides) -> LoadedModel
     from edgeprune.adapters import get_adapter
 
     tok = byte_tokenizer()
+    model_type, extra = TINY_FAMILIES[family]
     kw = dict(TINY_CONFIG, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-              pad_token_id=tok.pad_token_id, **overrides)
-    if family == "qwen2":
-        kw.setdefault("use_sliding_window", False)
-    config = AutoConfig.for_model(family, **kw)
+              pad_token_id=tok.pad_token_id)
+    kw.update(extra)
+    kw.update(overrides)
+    config = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # random init gives near-uniform outputs; larger weights make units differ, as in a trained model

@@ -108,11 +108,11 @@ def outlier_ratio(layer, stats, m: float = 5.0) -> float:
     """OWL's layer outlier ratio: the share of Wanda scores |W_ij| * ||X_j|| above m times their layer mean."""
     pairs = []
     if layer.has_attention:
-        q, k, v, o = layer.attention_projections()
-        pairs += [(q, stats.attn_x), (k, stats.attn_x), (v, stats.attn_x), (o, stats.attn_in)]
+        a = layer.attention_projections()
+        pairs += [(a.q, stats.attn_x), (a.k, stats.attn_x), (a.v, stats.attn_x), (a.o, stats.attn_in)]
     if layer.has_mlp:
-        gate, up, down = layer.mlp_projections()
-        pairs += [(gate, stats.mlp_x), (up, stats.mlp_x), (down, stats.mlp_in)]
+        mp = layer.mlp_projections()
+        pairs += [(mp.gate, stats.mlp_x), (mp.up, stats.mlp_x), (mp.down, stats.mlp_in)]
     mats = [lin.weight.detach().abs().double() * s.sumsq.sqrt()[None, :] for lin, s in pairs]
     if not mats:
         return 0.0

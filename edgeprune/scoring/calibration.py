@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edgeprune.adapters.base import LayerAdapter, ModelAdapter
+from edgeprune.adapters.base import LayerAdapter, ModelAdapter, weight_source
 
 
 class _StopForward(Exception):
@@ -109,7 +109,7 @@ def collect_layer_stats(layer: LayerAdapter, inputs: list) -> tuple[LayerStats, 
     mid: list = []
 
     if layer.has_attention:
-        _, _, _, o = layer.attention_projections()
+        o = layer.attention_projections().o
         stats.attn_in = FeatureStats.zeros(o.in_features)
         n_heads, n_kv = layer.num_heads, layer.num_kv_heads
         stats.head_energy = torch.zeros(n_heads, dtype=torch.float64)
@@ -127,7 +127,7 @@ def collect_layer_stats(layer: LayerAdapter, inputs: list) -> tuple[LayerStats, 
 
         handles.append(o.register_forward_pre_hook(attn_hook))
     if layer.has_mlp:
-        _, _, down = layer.mlp_projections()
+        down = layer.mlp_projections().down
         stats.mlp_in = FeatureStats.zeros(down.in_features)
         handles.append(down.register_forward_pre_hook(lambda _m, args: stats.mlp_in.update(args[0])))
     stats.attn_x = FeatureStats.zeros(layer.attention_input_norm.weight.shape[0])
@@ -183,15 +183,17 @@ def accumulate_gradients(adapter: ModelAdapter, batches: torch.Tensor, micro_bat
     from tqdm.auto import tqdm
 
     model = adapter.model
-    params = {}
+    params, rows = {}, {}  # unique parameters; role -> (parameter key, its rows) (fused roles share one)
     for layer in adapter.layers:
-        mods = []
+        mods = {}
         if layer.has_attention:
-            mods += list(zip(("q", "k", "v", "o"), layer.attention_projections(), strict=True))
+            mods.update(layer.attention_projections()._asdict())
         if layer.has_mlp:
-            mods += list(zip(("gate", "up", "down"), layer.mlp_projections(), strict=True))
-        for name, mod in mods:
-            params[f"{layer.index}.{name}"] = mod.weight
+            mods.update(layer.mlp_projections()._asdict())
+        for name, mod in mods.items():
+            param, sl = weight_source(mod)
+            params.setdefault(id(param), param)
+            rows[f"{layer.index}.{name}"] = (id(param), sl)
     flags = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -208,7 +210,7 @@ def accumulate_gradients(adapter: ModelAdapter, batches: torch.Tensor, micro_bat
                 logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum") / n_total
             loss.backward()
             del logits, loss
-        grads = {k: p.grad.detach().clone() for k, p in params.items()}
+        grads = {k: params[pid].grad[sl].detach().clone() for k, (pid, sl) in rows.items()}
     finally:
         for p in model.parameters():
             p.grad = None

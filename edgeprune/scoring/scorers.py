@@ -17,17 +17,16 @@ from edgeprune.scoring.base import (
 def _weights(layer):
     out = {}
     if layer.has_attention:
-        out.update(zip("qkvo", (m.weight.detach().double() for m in layer.attention_projections()), strict=True))
+        out.update({r: m.weight.detach().double() for r, m in layer.attention_projections()._asdict().items()})
     if layer.has_mlp:
-        out.update(zip(("gate", "up", "down"), (m.weight.detach().double() for m in layer.mlp_projections()),
-                       strict=True))
+        out.update({r: m.weight.detach().double() for r, m in layer.mlp_projections()._asdict().items()})
     return out
 
 
 def _col_norm_sq(layer):
     """||W[:, j]||^2 of o_proj and down_proj: how strongly input feature j writes into the residual stream."""
-    o = layer.attention_projections()[3].weight.detach().double() if layer.has_attention else None
-    down = layer.mlp_projections()[2].weight.detach().double() if layer.has_mlp else None
+    o = layer.attention_projections().o.weight.detach().double() if layer.has_attention else None
+    down = layer.mlp_projections().down.weight.detach().double() if layer.has_mlp else None
     return (None if o is None else o.pow(2).sum(0)), (None if down is None else down.pow(2).sum(0))
 
 
@@ -66,10 +65,10 @@ class WandaSPScorer(Scorer):
     def score_layer(self, layer, stats, grads):
         attn = mlp = None
         if layer.has_attention:
-            o = layer.attention_projections()[3].weight.detach().double()
+            o = layer.attention_projections().o.weight.detach().double()
             attn = o.abs().sum(0) * stats.attn_in.sumsq.sqrt()
         if layer.has_mlp:
-            down = layer.mlp_projections()[2].weight.detach().double()
+            down = layer.mlp_projections().down.weight.detach().double()
             mlp = down.abs().sum(0) * stats.mlp_in.sumsq.sqrt()
         return LayerUnitScores(*reduce_features(layer, attn, mlp), block_scores(stats))
 
