@@ -239,3 +239,22 @@ def test_gguf_export_of_unsupported_family_is_one_line(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "gguf" in r.stderr.lower(), r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_dropping_a_layer_equals_emptying_it(fam_tiny, tmp_path):
+    """A dropped layer passes the residual through, like a layer whose every unit is masked; per-layer config
+    lists (Gemma's layer_types) follow, and the checkpoint reloads."""
+    masked = copy.deepcopy(fam_tiny.model)
+    empty = PruningPlan.identity(fam_tiny.adapter)
+    empty.layers[1] = LayerPlan(1, [], [], [])
+    mask_plan(get_adapter(masked), empty)
+    plan = PruningPlan.identity(fam_tiny.adapter)
+    plan.layers[1].drop = True
+    types = list(getattr(fam_tiny.model.config, "layer_types", None) or [])
+    apply_plan(fam_tiny.adapter, plan)
+    assert len(fam_tiny.adapter.layers) == 2 and fam_tiny.model.config.num_hidden_layers == 2
+    if types:
+        assert fam_tiny.model.config.layer_types == [types[0], types[2]]
+    assert torch.allclose(logits(fam_tiny.model), logits(masked), atol=1e-5)
+    save_checkpoint(fam_tiny, tmp_path / "ck", {})
+    assert torch.allclose(logits(load(str(tmp_path / "ck")).model), logits(masked), atol=1e-5)

@@ -19,6 +19,11 @@ Roles:
 - per model: ``embed``, ``final_norm``, ``lm_head``.
 
 A template names the module; the tensor is ``template + ".weight"`` or ``".bias"``; ``{i}`` is the layer index.
+``lm_head.weight`` is absent from the safetensors when ``config.tie_word_embeddings`` (the embedding is the head).
+Bias tensors exist only where the checkpoint has them (Qwen2/GLM q/k/v; o/down after bias compensation or the
+refit). ``gguf_arch`` is llama.cpp's architecture name for the family as llama.cpp's converter writes it; only
+llama/mistral/qwen2 are written by edgeprune's GGUF exporter today (as llama/deci), the others are what a writer
+should target (to be checked against llama.cpp's loader before use).
 """
 
 from __future__ import annotations
