@@ -1,0 +1,277 @@
+"""The stage bodies of `edgeprune run`, one small object each, with typed inputs (the dataclass fields: what the
+stage's key hashes, via ``inputs()``) and a JSON-ready result (``run()``; the result's fields are listed in
+each class's docstring and read by edgeprune/report.py).
+
+    EvalStage          PyTorch PPL (+ zero-shot) of the unpruned or the pruned model
+    PruneStage         score -> allocate -> surgery (-> refit, distillation) -> checkpoint
+    ExportStage        an ONNX / GGUF artifact with its parity check
+    ArtifactPPLStage   the artifact's PPL in its own runtime (onnxruntime, llama.cpp)
+    ProfileStage       TTFT, decode tokens/s, peak RSS through `edgeprune profile`
+    ReportStage        report.json, report.md, report.html
+
+Not here: the order and wiring of stages (plan.py) or caching and atomic writes (engine.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeprune.config import ModelLoad, PruneConfig
+from edgeprune.data import Text
+from edgeprune.io import MANIFEST
+from edgeprune.pipeline.config import EvaluateSection, ProfileSection, section_dict
+from edgeprune.pipeline.engine import Stage
+from edgeprune.rundir import ABLATION, REPORT, StageId, artifact_dir, stage_dir
+
+
+@dataclass
+class Context:
+    """What stage bodies share and that is not part of any key: where the run lives and how to show progress."""
+
+    run_dir: Path
+    console: Any
+    progress: bool
+
+    def spinner(self, text: str):
+        return self.console.status(text) if self.progress else contextlib.nullcontext()
+
+    def model_spec(self, variant: str, model: str) -> str:
+        """The baseline is the configured model; the pruned model is the prune stage's checkpoint."""
+        return model if variant == "baseline" else str(stage_dir(self.run_dir, "prune") / "model")
+
+
+def _load_inputs(load: ModelLoad) -> dict:
+    # the default placement adds nothing, so keys of run directories written before it existed stay valid
+    return {} if load.is_default else {"load": {"device": load.device, "dtype": load.dtype}}
+
+
+@dataclass
+class EvalStage(Stage):
+    """Result: variant, params (per part), shapes (per layer), ppl (edgeprune.evaluate.ppl), zeroshot."""
+
+    ctx: Context
+    variant: str
+    model: str
+    model_fp: str  # content hash of the model ('' for the pruned model: its dep's key covers it)
+    text: Text
+    ev: EvaluateSection
+    load: ModelLoad
+    tasks_dir: Path | None = None
+    task_hashes: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.name = StageId("eval", self.variant).name
+        self.deps = () if self.variant == "baseline" else ("prune",)
+        self.title = f"evaluate the {'unpruned' if self.variant == 'baseline' else 'pruned'} model (PyTorch)"
+
+    def inputs(self) -> dict:
+        ev = self.ev
+        return {**({"model": self.model_fp} if self.variant == "baseline" else {}), "seq_len": ev.seq_len,
+                "max_tokens": ev.max_tokens, "text": self.text.sha256, "tasks": ev.tasks, "limit": ev.limit,
+                "task_files": self.task_hashes, **_load_inputs(self.load)}
+
+    def run(self, out: Path) -> dict:
+        from edgeprune.evaluate.ppl import perplexity
+        from edgeprune.models import load
+        from edgeprune.models.info import param_counts
+
+        ev = self.ev
+        lm = load(self.ctx.model_spec(self.variant, self.model), device=self.load.device, dtype=self.load.dtype)
+        result: dict[str, Any] = {"variant": self.variant, "params": param_counts(lm.adapter),
+                                  "shapes": [s.to_dict() for s in lm.adapter.shapes()]}
+        result["ppl"] = perplexity(lm.model, lm.tokenizer, self.text, ev.seq_len, max_tokens=ev.max_tokens or None,
+                                   batch_size=ev.batch_size, progress=self.ctx.progress)
+        if ev.tasks:
+            from edgeprune.evaluate.zeroshot import evaluate_tasks
+
+            result["zeroshot"] = evaluate_tasks(lm.model, lm.tokenizer, ev.tasks, self.tasks_dir,
+                                                limit=ev.limit or None, progress=self.ctx.progress)
+        return result
+
+
+@dataclass
+class PruneStage(Stage):
+    """Result: the prune record (edgeprune.prune.prune_model) plus shapes_before, layer_params_before/after and
+    checkpoint (the directory of the pruned model, relative to the stage)."""
+
+    ctx: Context
+    model: str
+    model_fp: str
+    config: PruneConfig
+    calib: Text
+    load: ModelLoad
+    name: str = "prune"
+
+    def __post_init__(self):
+        self.title = f"{self.config.scorer.upper()} scoring + {self.config.allocator.upper()} pruning, ratio " \
+                     f"{self.config.ratio:g}"
+
+    def inputs(self) -> dict:
+        return {"model": self.model_fp, "prune": section_dict(self.config), "calib": self.calib.sha256,
+                **_load_inputs(self.load)}
+
+    def run(self, out: Path) -> dict:
+        from edgeprune.checkpoint import save_checkpoint
+        from edgeprune.models import load
+        from edgeprune.models.info import layer_param_counts
+        from edgeprune.prune import prune_model
+
+        lm = load(self.model, device=self.load.device, dtype=self.load.dtype)
+        shapes_before = [s.to_dict() for s in lm.adapter.shapes()]
+        layer_params_before = [layer_param_counts(layer) for layer in lm.adapter.layers]
+        record = prune_model(lm, self.config, self.calib, progress=self.ctx.progress)
+        save_checkpoint(lm, out / "model", {"source_model": self.model, "source": lm.source, **record})
+        return {**record, "shapes_before": shapes_before, "layer_params_before": layer_params_before,
+                "layer_params_after": [layer_param_counts(layer) for layer in lm.adapter.layers],
+                "checkpoint": "model"}
+
+
+@dataclass
+class ExportStage(Stage):
+    """Result: variant, format, dtype, artifact (directory), size_bytes (model files), files, parity,
+    export_seconds."""
+
+    ctx: Context
+    variant: str
+    format: str
+    dtype: str
+    model: str
+    model_fp: str
+    optimize: bool
+
+    def __post_init__(self):
+        self.name = StageId("export", self.variant, self.format, self.dtype).name
+        self.deps = () if self.variant == "baseline" else ("prune",)
+        self.title = f"export {self.variant} {self.format} {self.dtype}"
+
+    def inputs(self) -> dict:
+        return {"format": self.format, "dtype": self.dtype, "optimize": self.optimize,
+                **({"model": self.model_fp} if self.variant == "baseline" else {})}
+
+    def run(self, out: Path) -> dict:
+        from edgeprune.export.artifacts import export_artifact
+
+        art = out / "artifact"
+        with self.ctx.spinner(f"exporting {self.variant} {self.format} {self.dtype}"):
+            info = export_artifact(self.ctx.model_spec(self.variant, self.model), self.format, self.dtype, art,
+                                   self.optimize)
+        files = {p.name: p.stat().st_size for p in art.iterdir() if p.is_file()}
+        model_files = [n for n in files if n.startswith("model.") and n != MANIFEST]
+        return {"variant": self.variant, "format": self.format, "dtype": self.dtype, "artifact": "artifact",
+                "size_bytes": sum(files[n] for n in model_files), "files": files,
+                "parity": info.get("parity", {}), "export_seconds": info.get("seconds")}
+
+
+@dataclass
+class ArtifactPPLStage(Stage):
+    """Result: the runtime's PPL record (ppl, windows, tokens_scored, ...) plus runtime, text, text_sha256,
+    variant, format, dtype."""
+
+    ctx: Context
+    variant: str
+    format: str
+    dtype: str
+    text: Text
+    ev: EvaluateSection
+
+    def __post_init__(self):
+        self.name = StageId("ppl", self.variant, self.format, self.dtype).name
+        self.deps = (StageId("export", self.variant, self.format, self.dtype).name,)
+        self.title = f"PPL of {self.variant} {self.format} {self.dtype}"
+
+    def inputs(self) -> dict:
+        return {"seq_len": self.ev.seq_len, "max_tokens": self.ev.max_tokens, "batch_size": self.ev.batch_size,
+                "text": self.text.sha256}
+
+    def run(self, out: Path) -> dict:
+        from edgeprune.errors import EdgePruneError
+
+        ev = self.ev
+        art = artifact_dir(self.ctx.run_dir, self.variant, self.format, self.dtype)
+        ids = None
+        if (art / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            ids = Tokenizer.from_file(str(art / "tokenizer.json")).encode(self.text.text,
+                                                                           add_special_tokens=False).ids
+        with self.ctx.spinner(f"PPL of {self.variant} {self.format} {self.dtype}"):
+            if self.format == "onnx":
+                from edgeprune.devices.ort_generate import OrtGenerator
+
+                if ids is None:
+                    raise EdgePruneError(f"no tokenizer.json in {art}")
+                gen = OrtGenerator(art, threads=ev.threads or None)
+                r = gen.perplexity(ids, ev.seq_len, max_tokens=ev.max_tokens or None, batch_size=ev.batch_size)
+                r["runtime"] = "onnxruntime"
+            else:
+                from edgeprune.export.gguf import gguf_perplexity
+
+                r = gguf_perplexity(art / "model.gguf", self.text, ev.seq_len, ev.max_tokens or None,
+                                    token_ids=ids, n_threads=ev.threads or None)
+                r["runtime"] = "llama.cpp"
+        r.update(text=self.text.name, text_sha256=self.text.sha256, variant=self.variant, format=self.format,
+                 dtype=self.dtype)
+        return r
+
+
+@dataclass
+class ProfileStage(Stage):
+    """Result: variant, format, dtype, device, ttft_ms, ttft_prompt_tokens, prefill_ms, decode_tokens_per_s,
+    peak_rss_mib, load_s, profile (the profiler's JSON, profile.json), profiler, warnings."""
+
+    ctx: Context
+    variant: str
+    format: str
+    dtype: str
+    prof: ProfileSection
+
+    def __post_init__(self):
+        self.name = StageId("profile", self.variant, self.format, self.dtype).name
+        self.deps = (StageId("export", self.variant, self.format, self.dtype).name,)
+        self.title = f"profile {self.variant} {self.format} {self.dtype} on {self.prof.device}"
+
+    def inputs(self) -> dict:
+        from edgeprune.pipeline.profiling import PROFILER
+
+        return {**section_dict(self.prof), "profiler": PROFILER}
+
+    def run(self, out: Path) -> dict:
+        from edgeprune.pipeline.profiling import profile_artifact, summarize_profile
+
+        art = artifact_dir(self.ctx.run_dir, self.variant, self.format, self.dtype)
+        with self.ctx.spinner(f"profiling {self.variant} {self.format} {self.dtype}"):
+            raw = profile_artifact(art, self.prof, out / "profile.json")
+        return {"variant": self.variant, "format": self.format, "dtype": self.dtype, "device": self.prof.device,
+                **summarize_profile(raw, self.prof.prompt_tokens), "profile": "profile.json",
+                "profiler": raw.get("schema"), "warnings": raw.get("warnings") or []}
+
+
+@dataclass
+class ReportStage(Stage):
+    """Result: the report files (json, markdown, html), relative to the report directory."""
+
+    ctx: Context
+    ablation: Path | None  # the ablation table to copy into the run, when there is one
+    ablation_sha256: str | None
+    deps: tuple[str, ...] = ()
+    name: str = REPORT
+    title: str = "report"
+
+    def inputs(self) -> dict:
+        return {"ablation": self.ablation_sha256}
+
+    def run(self, out: Path) -> dict:
+        from edgeprune.report import write_report
+
+        copy = self.ctx.run_dir / ABLATION
+        if self.ablation is not None:
+            copy.parent.mkdir(exist_ok=True)
+            shutil.copy2(self.ablation, copy)
+        elif copy.exists():
+            copy.unlink()
+        paths = write_report(self.ctx.run_dir, out)
+        return {name: str(p.relative_to(out)) for name, p in paths.items()}
