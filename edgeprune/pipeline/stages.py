@@ -18,7 +18,7 @@ import contextlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from edgeprune.config import ModelLoad, PruneConfig
 from edgeprune.data import Text
@@ -131,22 +131,40 @@ class PruneStage(Stage):
 
 
 @dataclass
-class ExportStage(Stage):
-    """Result: variant, format, dtype, artifact (directory), size_bytes (model files), files, parity,
-    export_seconds."""
+class ArtifactStage(Stage):
+    """A stage about one artifact (variant, format, dtype); it reads the export stage's artifact."""
 
     ctx: Context
     variant: str
     format: str
     dtype: str
+    kind: ClassVar[str] = ""
+    verb: ClassVar[str] = ""
+
+    def __post_init__(self):
+        self.name = StageId(self.kind, self.variant, self.format, self.dtype).name
+        self.deps = (StageId("export", self.variant, self.format, self.dtype).name,)
+        self.title = f"{self.verb} {self.variant} {self.format} {self.dtype}"
+
+    @property
+    def artifact(self) -> Path:
+        return artifact_dir(self.ctx.run_dir, self.variant, self.format, self.dtype)
+
+
+@dataclass
+class ExportStage(ArtifactStage):
+    """Result: variant, format, dtype, artifact (directory), size_bytes (model files), files, parity,
+    export_seconds."""
+
     model: str
     model_fp: str
     optimize: bool
+    kind: ClassVar[str] = "export"
+    verb: ClassVar[str] = "export"
 
     def __post_init__(self):
-        self.name = StageId("export", self.variant, self.format, self.dtype).name
+        super().__post_init__()
         self.deps = () if self.variant == "baseline" else ("prune",)
-        self.title = f"export {self.variant} {self.format} {self.dtype}"
 
     def inputs(self) -> dict:
         return {"format": self.format, "dtype": self.dtype, "optimize": self.optimize,
@@ -155,7 +173,7 @@ class ExportStage(Stage):
     def run(self, out: Path) -> dict:
         from edgeprune.export.artifacts import export_artifact
 
-        art = out / "artifact"
+        art = out / "artifact"  # (self.artifact once the stage is in place)
         with self.ctx.spinner(f"exporting {self.variant} {self.format} {self.dtype}"):
             info = export_artifact(self.ctx.model_spec(self.variant, self.model), self.format, self.dtype, art,
                                    self.optimize)
@@ -167,21 +185,14 @@ class ExportStage(Stage):
 
 
 @dataclass
-class ArtifactPPLStage(Stage):
+class ArtifactPPLStage(ArtifactStage):
     """Result: the runtime's PPL record (ppl, windows, tokens_scored, ...) plus runtime, text, text_sha256,
     variant, format, dtype."""
 
-    ctx: Context
-    variant: str
-    format: str
-    dtype: str
     text: Text
     ev: EvaluateSection
-
-    def __post_init__(self):
-        self.name = StageId("ppl", self.variant, self.format, self.dtype).name
-        self.deps = (StageId("export", self.variant, self.format, self.dtype).name,)
-        self.title = f"PPL of {self.variant} {self.format} {self.dtype}"
+    kind: ClassVar[str] = "ppl"
+    verb: ClassVar[str] = "PPL of"
 
     def inputs(self) -> dict:
         return {"seq_len": self.ev.seq_len, "max_tokens": self.ev.max_tokens, "batch_size": self.ev.batch_size,
@@ -191,7 +202,7 @@ class ArtifactPPLStage(Stage):
         from edgeprune.errors import EdgePruneError
 
         ev = self.ev
-        art = artifact_dir(self.ctx.run_dir, self.variant, self.format, self.dtype)
+        art = self.artifact
         ids = None
         if (art / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
@@ -219,20 +230,17 @@ class ArtifactPPLStage(Stage):
 
 
 @dataclass
-class ProfileStage(Stage):
+class ProfileStage(ArtifactStage):
     """Result: variant, format, dtype, device, ttft_ms, ttft_prompt_tokens, prefill_ms, decode_tokens_per_s,
     peak_rss_mib, load_s, profile (the profiler's JSON, profile.json), profiler, warnings."""
 
-    ctx: Context
-    variant: str
-    format: str
-    dtype: str
     prof: ProfileSection
+    kind: ClassVar[str] = "profile"
+    verb: ClassVar[str] = "profile"
 
     def __post_init__(self):
-        self.name = StageId("profile", self.variant, self.format, self.dtype).name
-        self.deps = (StageId("export", self.variant, self.format, self.dtype).name,)
-        self.title = f"profile {self.variant} {self.format} {self.dtype} on {self.prof.device}"
+        super().__post_init__()
+        self.title += f" on {self.prof.device}"
 
     def inputs(self) -> dict:
         from edgeprune.pipeline.profiling import PROFILER
@@ -242,7 +250,7 @@ class ProfileStage(Stage):
     def run(self, out: Path) -> dict:
         from edgeprune.pipeline.profiling import profile_artifact, summarize_profile
 
-        art = artifact_dir(self.ctx.run_dir, self.variant, self.format, self.dtype)
+        art = self.artifact
         with self.ctx.spinner(f"profiling {self.variant} {self.format} {self.dtype}"):
             raw = profile_artifact(art, self.prof, out / "profile.json")
         return {"variant": self.variant, "format": self.format, "dtype": self.dtype, "device": self.prof.device,
