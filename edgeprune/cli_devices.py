@@ -3,6 +3,7 @@ the work)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -10,40 +11,33 @@ import typer
 from rich.table import Table
 
 from edgeprune.cli_app import JsonOpt, out, write_result
-from edgeprune.errors import EdgePruneError
+from edgeprune.cli_options import config_options
+from edgeprune.config import option
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="device profile name (see `edgeprune devices`) or a .toml")]
 ProfileFileOpt = Annotated[Path | None, typer.Option("--profile-file", help="a device profile TOML file (overrides "
                                                      "--device's lookup)")]
-ThreadsOpt = Annotated[str | None, typer.Option(help="runtime threads, or 'auto' (default: the profile's)")]
-LengthsOpt = Annotated[str | None, typer.Option("--prompt-lengths", help="prompt lengths for prefill/TTFT, "
-                                                "comma-separated (default: the profile's)")]
-NewTokensOpt = Annotated[int | None, typer.Option(help="decode steps per repeat (default: the profile's)")]
-RepeatsOpt = Annotated[int | None, typer.Option(help="measured repeats; medians are reported (default: the "
-                                                "profile's)")]
-WarmupOpt = Annotated[int | None, typer.Option(help="warm-up runs before measuring (default: the profile's)")]
-BudgetOpt = Annotated[str | None, typer.Option("--memory-budget", help="MiB or 'auto'; refuse artifacts that do "
-                                               "not fit (default: the profile's memory_budget_mb)")]
-DecodePromptOpt = Annotated[int | None, typer.Option(help="prompt tokens before the decode steps (default: 128, "
-                                                     "or the longest prompt length if shorter)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress on stderr")]
 
 
-def _profile_overrides(threads, prompt_lengths, new_tokens, repeats, warmup, memory_budget, decode_prompt) -> dict:
-    lengths = None
-    if prompt_lengths:
-        try:
-            lengths = [int(x) for x in prompt_lengths.split(",") if x.strip()]
-        except ValueError:
-            raise EdgePruneError("--prompt-lengths must be comma-separated integers, e.g. 32,128,512") from None
-    return {"threads": threads, "prompt_lengths": lengths, "new_tokens": new_tokens, "repeats": repeats,
-            "warmup": warmup, "memory_budget_mb": memory_budget, "decode_prompt": decode_prompt}
+@dataclass
+class ProfilerOverrides:
+    """Profiler settings a command may override; None: the device profile's."""
+
+    threads: str | None = option(None, "runtime threads, or 'auto' (default: the profile's)")
+    prompt_lengths: list[int] | None = option(None, "prompt lengths for prefill/TTFT, comma-separated (default: "
+                                              "the profile's)")
+    new_tokens: int | None = option(None, "decode steps per repeat (default: the profile's)")
+    repeats: int | None = option(None, "measured repeats; medians are reported (default: the profile's)")
+    warmup: int | None = option(None, "warm-up runs before measuring (default: the profile's)")
+    memory_budget_mb: str | None = option(None, "MiB or 'auto'; refuse artifacts that do not fit (default: the "
+                                          "profile's memory_budget_mb)", flag="--memory-budget")
+    decode_prompt: int | None = option(None, "prompt tokens before the decode steps (default: 128, or the longest "
+                                       "prompt length if shorter)")
 
 
 def devices(json_path: JsonOpt = None) -> None:
     """List the device profiles (shipped ones and yours in ~/.config/edgeprune/devices or $EDGEPRUNE_DEVICES)."""
-    from dataclasses import asdict
-
     from edgeprune.devices import profiles
 
     t = Table("device", "threads", "budget MiB", "prefers", "GGUF runtime", "from", title="device profiles")
@@ -58,17 +52,12 @@ def devices(json_path: JsonOpt = None) -> None:
     write_result(json_path, data)
 
 
+@config_options(overrides=ProfilerOverrides)
 def profile_cmd(
+    overrides: ProfilerOverrides,
     artifact: Annotated[Path, typer.Argument(help="an artifact directory from `edgeprune export`")],
     device: DeviceOpt = "cpu",
     profile_file: ProfileFileOpt = None,
-    threads: ThreadsOpt = None,
-    prompt_lengths: LengthsOpt = None,
-    new_tokens: NewTokensOpt = None,
-    repeats: RepeatsOpt = None,
-    warmup: WarmupOpt = None,
-    memory_budget: BudgetOpt = None,
-    decode_prompt: DecodePromptOpt = None,
     quiet: QuietOpt = False,
     json_path: JsonOpt = None,
 ) -> None:
@@ -77,14 +66,15 @@ def profile_cmd(
     from edgeprune.devices import profiles, ship
 
     prof = profiles.load(device, profile_file)
-    doc = ship.profile_local(artifact, prof, _profile_overrides(threads, prompt_lengths, new_tokens, repeats,
-                                                                  warmup, memory_budget, decode_prompt), quiet=quiet)
+    doc = ship.profile_local(artifact, prof, asdict(overrides), quiet=quiet)
     for line in ship.summary(doc):
         out.print(line, highlight=False, soft_wrap=True)
     write_result(json_path, doc)
 
 
+@config_options(overrides=ProfilerOverrides)
 def ship_cmd(
+    overrides: ProfilerOverrides,
     artifact: Annotated[Path, typer.Argument(help="an artifact directory from `edgeprune export`")],
     device: DeviceOpt,
     host: Annotated[str | None, typer.Option(help="user@address (default: the profile's [ssh] host)")] = None,
@@ -100,13 +90,6 @@ def ship_cmd(
     no_profile: Annotated[bool, typer.Option("--no-profile", help="copy and verify only")] = False,
     timeout: Annotated[float, typer.Option(help="seconds the profiler may run on the device")] = 3600,
     profile_file: ProfileFileOpt = None,
-    threads: ThreadsOpt = None,
-    prompt_lengths: LengthsOpt = None,
-    new_tokens: NewTokensOpt = None,
-    repeats: RepeatsOpt = None,
-    warmup: WarmupOpt = None,
-    memory_budget: BudgetOpt = None,
-    decode_prompt: DecodePromptOpt = None,
     quiet: QuietOpt = False,
     json_path: JsonOpt = None,
 ) -> None:
@@ -118,8 +101,7 @@ def ship_cmd(
     remote = ship.resolve_remote(prof, host, port, key, known_hosts, connect_timeout)
     doc = ship.ship(artifact, prof, remote, python=python, remote_dir=remote_dir, transport=transport,
                     bwlimit=bwlimit, run_profile=not no_profile, timeout=timeout, quiet=quiet,
-                    overrides=_profile_overrides(threads, prompt_lengths, new_tokens, repeats, warmup, memory_budget,
-                                                 decode_prompt))
+                    overrides=asdict(overrides))
     s = doc["ship"]
     out.print(f"bundle {s['bundle']} on {s['host']}: {len(s['uploaded'])} files uploaded, {len(s['reused'])} reused, "
               f"checksums verified", highlight=False, soft_wrap=True)

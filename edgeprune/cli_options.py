@@ -33,13 +33,23 @@ def cli_fields(cls, only: tuple[str, ...] | None = None) -> list[tuple[str, str,
     return out
 
 
+def _optional_scalar(tp: Any) -> type | None:
+    """``X`` for ``X | None`` with a scalar X, else None."""
+    args = typing.get_args(tp)
+    rest = [a for a in args if a is not type(None)]
+    return rest[0] if type(None) in args and len(rest) == 1 and rest[0] in (int, float, str) else None
+
+
 def _parameter(pname: str, flag: str, f, tp: Any) -> inspect.Parameter:
     default = default_of(f)
     help_ = f.metadata.get("help", "")
+    scalar = _optional_scalar(tp)
     if tp is bool:
         decl, ann, cli_default = (f"{flag}/--no-{flag[2:]}",), bool, default
     elif tp in (int, float, str):
         decl, ann, cli_default = (flag,), tp, default
+    elif scalar is not None:  # int | None and the like: not given = None
+        decl, ann, cli_default = (flag,), scalar | None, default
     else:  # lists and str | list[str]: one CLI string (comma-separated for lists)
         decl, ann = (flag,), str | None
         cli_default = None if isinstance(default, list) else default
@@ -58,7 +68,7 @@ def config_options(only: dict[str, tuple[str, ...]] | None = None, **sections: t
         sig = inspect.signature(fn, eval_str=True)
         own = [p for name, p in sig.parameters.items() if name not in sections]
         taken = {p.name for p in own}
-        owners: dict[str, tuple[str, str]] = {}
+        owners: dict[str, tuple[str, str, str]] = {}
         added = []
         for section, cls in sections.items():
             types_ = field_types(cls)
@@ -66,21 +76,17 @@ def config_options(only: dict[str, tuple[str, ...]] | None = None, **sections: t
                 if pname in taken:
                     raise TypeError(f"option --{pname} of {cls.__name__} clashes with a parameter of {fn.__name__}")
                 taken.add(pname)
-                owners[pname] = (section, f.name)
+                owners[pname] = (section, f.name, flag)
                 added.append(_parameter(pname, flag, f, types_[f.name]))
 
         @functools.wraps(fn)
         def command(**kwargs):
             values: dict[str, dict] = {s: {} for s in sections}
-            for pname, (section, fname) in owners.items():
+            for pname, (section, fname, flag) in owners.items():
                 value = kwargs.pop(pname)
                 if value is not None:
-                    values[section][fname] = value
-            built = {}
-            for s, cls in sections.items():
-                types_ = field_types(cls)
-                built[s] = cls(**{k: coerce(types_[k], v, "--" + k.replace("_", "-")) for k, v in values[s].items()})
-            return fn(**built, **kwargs)
+                    values[section][fname] = coerce(field_types(sections[section])[fname], value, flag)
+            return fn(**{s: cls(**values[s]) for s, cls in sections.items()}, **kwargs)
 
         command.__signature__ = sig.replace(parameters=own + added)
         command.__annotations__ = {p.name: p.annotation for p in own + added}

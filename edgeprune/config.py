@@ -57,13 +57,13 @@ def _is_number(value: Any) -> bool:
 def coerce(tp: Any, value: Any, where: str) -> Any:
     """``value`` (from TOML, ``--set`` or the CLI) as type ``tp``, or a one-line error naming ``where``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):  # str | list[str]: one spec or candidates
-        kinds = [a for a in args if a is not type(None)]
+    if origin in (typing.Union, types.UnionType):  # str | list[str] (one spec or candidates), X | None
         if value is None and type(None) in args:
             return None
-        if isinstance(value, list):
-            return coerce(next(a for a in kinds if typing.get_origin(a) is list), value, where)
-        return coerce(next(a for a in kinds if typing.get_origin(a) is not list), value, where)
+        kinds = [a for a in args if a is not type(None)]
+        lists = [a for a in kinds if typing.get_origin(a) is list]
+        scalars = [a for a in kinds if typing.get_origin(a) is not list]
+        return coerce(lists[0] if isinstance(value, list) or not scalars else scalars[0], value, where)
     if tp is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
             return value.lower() in ("true", "1", "yes", "on")
