@@ -21,7 +21,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from edgeprune import __version__
 from edgeprune.errors import EdgePruneError, first_line
@@ -181,7 +181,7 @@ class Engine:
         self.console.print(f"{label}: done in {st.seconds:.1f} s", highlight=False)
         self._write_manifest("running")
 
-    def _fail(self, stage: Stage, st: StageStatus, e: Exception, seconds: float) -> None:
+    def _fail(self, stage: Stage, st: StageStatus, e: Exception, seconds: float) -> NoReturn:
         st.status, st.seconds = "failed", seconds
         st.error = first_line(e) if isinstance(e, EdgePruneError) else f"{type(e).__name__}: {first_line(e)}"
         log = log_path(self.run_dir, stage.name)

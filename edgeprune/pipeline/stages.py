@@ -1,6 +1,6 @@
 """The stage bodies of `edgeprune run`, one small object each, with typed inputs (the dataclass fields: what the
-stage's key hashes, via ``inputs()``) and a JSON-ready result (``run()``; the result's fields are listed in
-each class's docstring and read by edgeprune/report.py).
+stage's key hashes, via ``inputs()``) and a typed, JSON-ready result (``run()`` returns one of the TypedDicts
+below; edgeprune/report.py reads them from each stage.json).
 
     EvalStage          PyTorch PPL (+ zero-shot) of the unpruned or the pruned model
     PruneStage         score -> allocate -> surgery (-> refit, distillation) -> checkpoint
@@ -18,7 +18,7 @@ import contextlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 from edgeprune.config import ModelLoad, PruneConfig
 from edgeprune.data import Text
@@ -26,6 +26,59 @@ from edgeprune.io import MANIFEST
 from edgeprune.pipeline.config import EvaluateSection, ProfileSection, section_dict
 from edgeprune.pipeline.engine import Stage
 from edgeprune.rundir import ABLATION, REPORT, StageId, artifact_dir, stage_dir
+
+
+class EvalResult(TypedDict, total=False):
+    variant: str
+    params: dict[str, int]  # per part (edgeprune.models.info.param_counts)
+    shapes: list[dict]  # per layer
+    ppl: dict  # edgeprune.evaluate.ppl.perplexity's record
+    zeroshot: dict  # edgeprune.evaluate.zeroshot.evaluate_tasks's record, when tasks are set
+
+
+class PruneResult(TypedDict, total=False):
+    """edgeprune.prune.prune_model's record (config, plan, rounds, recovery, params_before/after, ...) and:"""
+
+    shapes_before: list[dict]
+    layer_params_before: list[dict]
+    layer_params_after: list[dict]
+    checkpoint: str  # the pruned model's directory, relative to the stage
+
+
+class ArtifactResult(TypedDict, total=False):
+    variant: str
+    format: str
+    dtype: str
+
+
+class ExportResult(ArtifactResult, total=False):
+    artifact: str  # the artifact directory, relative to the stage
+    size_bytes: int  # the model files
+    files: dict[str, int]
+    parity: dict
+    export_seconds: float | None
+
+
+class ArtifactPPLResult(ArtifactResult, total=False):
+    """The runtime's PPL record (ppl, windows, tokens_scored, ...) and:"""
+
+    ppl: float
+    runtime: str
+    text: str
+    text_sha256: str
+
+
+class ProfileResult(ArtifactResult, total=False):
+    device: str
+    ttft_ms: float | None
+    ttft_prompt_tokens: int | None
+    prefill_ms: float | None
+    decode_tokens_per_s: float | None
+    peak_rss_mib: float | None
+    load_s: float | None
+    profile: str  # the profiler's full JSON (profile.json)
+    profiler: str | None
+    warnings: list[str]
 
 
 @dataclass
@@ -51,7 +104,7 @@ def _load_inputs(load: ModelLoad) -> dict:
 
 @dataclass
 class EvalStage(Stage):
-    """Result: variant, params (per part), shapes (per layer), ppl (edgeprune.evaluate.ppl), zeroshot."""
+    """PyTorch PPL (+ zero-shot) of one model."""
 
     ctx: Context
     variant: str
@@ -74,14 +127,14 @@ class EvalStage(Stage):
                 "max_tokens": ev.max_tokens, "text": self.text.sha256, "tasks": ev.tasks, "limit": ev.limit,
                 "task_files": self.task_hashes, **_load_inputs(self.load)}
 
-    def run(self, out: Path) -> dict:
+    def run(self, out: Path) -> EvalResult:
         from edgeprune.evaluate.ppl import perplexity
         from edgeprune.models import load
         from edgeprune.models.info import param_counts
 
         ev = self.ev
         lm = load(self.ctx.model_spec(self.variant, self.model), device=self.load.device, dtype=self.load.dtype)
-        result: dict[str, Any] = {"variant": self.variant, "params": param_counts(lm.adapter),
+        result: EvalResult = {"variant": self.variant, "params": param_counts(lm.adapter),
                                   "shapes": [s.to_dict() for s in lm.adapter.shapes()]}
         result["ppl"] = perplexity(lm.model, lm.tokenizer, self.text, ev.seq_len, max_tokens=ev.max_tokens or None,
                                    batch_size=ev.batch_size, progress=self.ctx.progress)
@@ -95,8 +148,7 @@ class EvalStage(Stage):
 
 @dataclass
 class PruneStage(Stage):
-    """Result: the prune record (edgeprune.prune.prune_model) plus shapes_before, layer_params_before/after and
-    checkpoint (the directory of the pruned model, relative to the stage)."""
+    """Prune the model with ``config`` and save the checkpoint."""
 
     ctx: Context
     model: str
@@ -114,7 +166,7 @@ class PruneStage(Stage):
         return {"model": self.model_fp, "prune": section_dict(self.config), "calib": self.calib.sha256,
                 **_load_inputs(self.load)}
 
-    def run(self, out: Path) -> dict:
+    def run(self, out: Path) -> PruneResult:
         from edgeprune.checkpoint import save_checkpoint
         from edgeprune.models import load
         from edgeprune.models.info import layer_param_counts
@@ -153,8 +205,7 @@ class ArtifactStage(Stage):
 
 @dataclass
 class ExportStage(ArtifactStage):
-    """Result: variant, format, dtype, artifact (directory), size_bytes (model files), files, parity,
-    export_seconds."""
+    """Export one artifact and check its parity."""
 
     model: str
     model_fp: str
@@ -170,7 +221,7 @@ class ExportStage(ArtifactStage):
         return {"format": self.format, "dtype": self.dtype, "optimize": self.optimize,
                 **({"model": self.model_fp} if self.variant == "baseline" else {})}
 
-    def run(self, out: Path) -> dict:
+    def run(self, out: Path) -> ExportResult:
         from edgeprune.export.artifacts import export_artifact
 
         art = out / "artifact"  # (self.artifact once the stage is in place)
@@ -186,8 +237,7 @@ class ExportStage(ArtifactStage):
 
 @dataclass
 class ArtifactPPLStage(ArtifactStage):
-    """Result: the runtime's PPL record (ppl, windows, tokens_scored, ...) plus runtime, text, text_sha256,
-    variant, format, dtype."""
+    """PPL of one artifact in its own runtime, on the same tokens as PyTorch's."""
 
     text: Text
     ev: EvaluateSection
@@ -198,7 +248,7 @@ class ArtifactPPLStage(ArtifactStage):
         return {"seq_len": self.ev.seq_len, "max_tokens": self.ev.max_tokens, "batch_size": self.ev.batch_size,
                 "text": self.text.sha256}
 
-    def run(self, out: Path) -> dict:
+    def run(self, out: Path) -> ArtifactPPLResult:
         from edgeprune.errors import EdgePruneError
 
         ev = self.ev
@@ -231,8 +281,7 @@ class ArtifactPPLStage(ArtifactStage):
 
 @dataclass
 class ProfileStage(ArtifactStage):
-    """Result: variant, format, dtype, device, ttft_ms, ttft_prompt_tokens, prefill_ms, decode_tokens_per_s,
-    peak_rss_mib, load_s, profile (the profiler's JSON, profile.json), profiler, warnings."""
+    """Profile one artifact on the configured device profile."""
 
     prof: ProfileSection
     kind: ClassVar[str] = "profile"
@@ -247,7 +296,7 @@ class ProfileStage(ArtifactStage):
 
         return {**section_dict(self.prof), "profiler": PROFILER}
 
-    def run(self, out: Path) -> dict:
+    def run(self, out: Path) -> ProfileResult:
         from edgeprune.pipeline.profiling import profile_artifact, summarize_profile
 
         art = self.artifact
@@ -260,7 +309,7 @@ class ProfileStage(ArtifactStage):
 
 @dataclass
 class ReportStage(Stage):
-    """Result: the report files (json, markdown, html), relative to the report directory."""
+    """Write the report; the result names its files (json, markdown, html), relative to the report directory."""
 
     ctx: Context
     ablation: Path | None  # the ablation table to copy into the run, when there is one
@@ -272,7 +321,7 @@ class ReportStage(Stage):
     def inputs(self) -> dict:
         return {"ablation": self.ablation_sha256}
 
-    def run(self, out: Path) -> dict:
+    def run(self, out: Path) -> dict[str, str]:
         from edgeprune.report import write_report
 
         copy = self.ctx.run_dir / ABLATION
