@@ -27,7 +27,7 @@ import os
 import re
 import types
 import typing
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,18 +107,6 @@ def _scalar(text: str) -> Any:
 
 def field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
-
-
-def from_mapping(cls, data: dict, section: str, origin: str = "config"):
-    """Build dataclass ``cls`` from a mapping: unknown keys and wrong types are one-line errors."""
-    known = {f.name: f for f in fields(cls)}
-    types_ = field_types(cls)
-    values = {}
-    for key, value in data.items():
-        if key not in known:
-            raise EdgePruneError(f"{origin}: unknown key {section}.{key} (known: {', '.join(known)})")
-        values[key] = coerce(types_[key], value, f"{section}.{key}")
-    return cls(**values)
 
 
 # --------------------------------------------------------------------------------------------- sections
