@@ -25,22 +25,22 @@ import time
 
 from common import SMALL_GRID_TOKENS, data_dir, load_result, save
 
-# name -> prune options (PruneConfig fields). Published baselines run as published (FLAP with its bias
-# compensation); PIEM alone / LSPS alone / both share the least-squares refit so the rows isolate the scorer and
-# the allocator, and the last row removes the refit from the full method.
-# The PIEM weights of these rows: pinned, because the grid that chose PIEM's default (bench/piem_terms.py) finished
-# after these rows were measured; its winner (0.1, 0.1, 0.8) differs from these by a few percent PPL.
-PIEM_WEIGHTS = {"alpha": 0.1, "beta": 0.3, "gamma": 0.6}
-PIEM = dict(scorer="piem", scorer_options=PIEM_WEIGHTS)
-OURS = dict(PIEM, allocator="lsps", sensitivity="bi", reconstruct=True)
+# name -> prune options (PruneConfig fields). Every row names all the options it depends on, so a change of
+# PruneConfig's defaults does not silently change a row. Published baselines run as published (one shot, no
+# refit; FLAP with its bias compensation); PIEM alone / LSPS alone / both share the least-squares refit so the rows
+# isolate the scorer and the allocator, and one row removes the refit from the full method. PIEM rows use the
+# weights PIEM ships with (PIEMScorer's defaults), recorded per row as `piem_weights`.
+PUBLISHED = dict(allocator="uniform", sensitivity="bi", rounds=1, reconstruct=False, bias_compensation=False)
+PIEM = dict(scorer="piem")
+OURS = dict(PIEM, allocator="lsps", sensitivity="bi", rounds=1, reconstruct=True, bias_compensation=False)
 METHODS = {
-    "magnitude+uniform": dict(scorer="magnitude", allocator="uniform"),
-    "taylor+uniform (LLM-Pruner)": dict(scorer="taylor", allocator="uniform"),
-    "wanda-sp+uniform": dict(scorer="wanda-sp", allocator="uniform"),
-    "FLAP (fluctuation+global+bias)": dict(scorer="fluctuation", allocator="global", bias_compensation=True),
-    "depth (ShortGPT: Block Influence)": dict(scorer="fluctuation", allocator="depth"),
-    "PIEM+uniform (PIEM alone)": dict(PIEM, allocator="uniform", reconstruct=True),
-    "magnitude+LSPS (LSPS alone)": dict(scorer="magnitude", allocator="lsps", sensitivity="bi", reconstruct=True),
+    "magnitude+uniform": dict(PUBLISHED, scorer="magnitude"),
+    "taylor+uniform (LLM-Pruner)": dict(PUBLISHED, scorer="taylor"),
+    "wanda-sp+uniform": dict(PUBLISHED, scorer="wanda-sp"),
+    "FLAP (fluctuation+global+bias)": dict(PUBLISHED, scorer="fluctuation", allocator="global", bias_compensation=True),
+    "depth (ShortGPT: Block Influence)": dict(PUBLISHED, scorer="fluctuation", allocator="depth"),
+    "PIEM+uniform (PIEM alone)": dict(OURS, allocator="uniform"),
+    "magnitude+LSPS (LSPS alone)": dict(OURS, scorer="magnitude"),
     "PIEM+LSPS one-shot": OURS,
     "PIEM+LSPS multi-round (K=2)": dict(OURS, rounds=2),
     "PIEM+LSPS multi-round (K=2) without refit": dict(OURS, rounds=2, reconstruct=False),
@@ -134,9 +134,18 @@ def evaluate(lm, data: str, tokens: int, limit: int) -> dict:
     return row
 
 
+def shipped_piem_weights() -> list[float]:
+    from edgeprune.scoring.scorers import PIEMScorer
+
+    d = PIEMScorer()
+    return [d.alpha, d.beta, d.gamma]
+
+
 def _row(method: str, ratio: float, evaluated: dict, record: dict) -> dict:
     row = {"method": method, "ratio": ratio, **evaluated, "prune_seconds": record.get("seconds"),
            "layer_shapes": record.get("layer_shapes")}
+    if METHODS.get(method, {}).get("scorer") == "piem":
+        row["piem_weights"] = shipped_piem_weights()
     if record:
         row["decoder_reduction"] = record["decoder_reduction"]
         row["allocation"] = [r["allocation"] for r in record["rounds"]]
@@ -189,6 +198,8 @@ def main() -> None:
                     help="zero-shot examples per task (0: skip zero-shot; rows that have it keep it)")
     ap.add_argument("--speed", action="store_true",
                     help="only re-measure every saved row's decode speed from its shapes (run on a quiet machine)")
+    ap.add_argument("--rerun", action="store_true",
+                    help="re-measure the named methods' rows even when they are saved (after a default changed)")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "RATIOS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     data = str(data_dir(args.data))
@@ -206,17 +217,21 @@ def main() -> None:
                  f"--tokens {result['tokens']} or move the file away to start a grid on {args.tokens:,}")
     result.setdefault("rows", {})
     result["tokens"] = args.tokens
-    result["piem_weights"] = list(PIEM_WEIGHTS.values())
+    if "piem_weights" in result:  # rows saved before rows recorded their own PIEM weights used these
+        result["legacy_piem_weights"] = result.pop("piem_weights")
 
     for row in result["rows"].values():  # rows saved before a speed pass measured their shapes
         if not row.get("decode_measured"):
             reuse_speed(result["rows"], row)
 
-    def done(key: str) -> bool:  # a row is reused unless this run asks for zero-shot it lacks
-        row = result["rows"].get(key)
-        return row is not None and (args.limit == 0 or row.get("zeroshot_limit") == args.limit)
-
     methods = args.methods.split(",")
+
+    def done(key: str) -> bool:  # a row is reused unless this run asks for zero-shot it lacks, or --rerun
+        row = result["rows"].get(key)
+        if row is None or (args.rerun and row["method"] in methods):
+            return False
+        return args.limit == 0 or row.get("zeroshot_limit") == args.limit
+
     for m in methods:
         if m not in METHODS:
             sys.exit(f"error: unknown method {m!r}; known: {', '.join(METHODS)}")

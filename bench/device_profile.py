@@ -40,7 +40,7 @@ def checkpoint(variant: str, data: Path) -> str:
     if not (out / "manifest.json").is_file():
         calib = data / "wikitext-2" / "tokens" / "valid.txt"
         edgeprune("prune", "default", "--ratio", str(ratio), "--scorer", "piem", "--allocator", "lsps",
-                  "--sensitivity", "bi", "--calib", str(calib) if calib.is_file() else "builtin", "-o", str(out))
+                  "--sensitivity", "bi", "--rounds", "1", "--no-reconstruct", "--calib", str(calib) if calib.is_file() else "builtin", "-o", str(out))
     return str(out)
 
 

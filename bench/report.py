@@ -95,9 +95,34 @@ def piem_terms_section(t: dict) -> list[str]:
 TARGET_METHOD = "PIEM+LSPS multi-round"
 
 
-def _piem_weights(a: dict) -> str:
-    w = a.get("piem_weights")
-    return "(" + ", ".join(f"{x:g}" for x in w) + ")" if w else "PIEM's defaults at the time of the run"
+def _fmt_weights(w) -> str:
+    return "(" + ", ".join(f"{x:g}" for x in w) + ")"
+
+
+def _row_weights(a: dict, row: dict) -> list[float] | None:
+    """The PIEM weights a PIEM row was measured with: its own record, else the file's legacy weights (rows saved
+    before rows recorded theirs)."""
+    if row.get("piem_weights"):
+        return row["piem_weights"]
+    if row["method"].startswith("PIEM"):
+        return a.get("legacy_piem_weights") or a.get("piem_weights")
+    return None
+
+
+def _shipped_weights() -> list[float]:
+    from ablate import shipped_piem_weights
+
+    return shipped_piem_weights()
+
+
+def _piem_weights_note(a: dict) -> str:
+    shipped = _shipped_weights()
+    old = {tuple(w) for r in a["rows"].values() if (w := _row_weights(a, r)) and list(w) != shipped}
+    note = f"PIEM rows use the weights PIEM ships with, (alpha, beta, gamma) = {_fmt_weights(shipped)}"
+    if old:
+        note += (", except the cells marked † (measured before the default changed, with "
+                 + " or ".join(_fmt_weights(w) for w in sorted(old)) + ")")
+    return note
 TARGET_FACTOR = 1.25
 
 
@@ -161,6 +186,7 @@ def ablation_section(a: dict) -> list[str]:
               "With recovery (distillation from the dense model)": [m for m in methods if _recovered(rows, m)]}
     # zero-shot columns compare like with like: only rows measured on the dense row's examples
     limit = (dense or {}).get("zeroshot_limit") if (dense or {}).get("zeroshot_avg_acc") is not None else None
+    shipped = _shipped_weights()
     pruned = [r for r in rows.values() if r["ratio"] > 0]
     covered = sum(1 for r in pruned if limit and r.get("zeroshot_limit") == limit and "zeroshot_avg_acc" in r)
     lines = ["## Ablation: scorers x allocators x rounds x recovery (`bench/ablate.py`)", "",
@@ -171,8 +197,7 @@ def ablation_section(a: dict) -> list[str]:
                 f"{covered} of the {len(pruned)} pruned rows; one standard error of such an average is up to "
                 f"{100 * (0.25 / (5 * limit)) ** 0.5:.1f} points, so smaller differences are noise" if limit else "")
              + f"; {_speed_note(rows)}. `refit` = least-squares reconstruction "
-             "(README, Reconstruction). PIEM rows use PIEM's weights (alpha, beta, gamma) = "
-             f"{_piem_weights(a)}; LSPS rows use Block Influence sensitivity, tau 1; methods that name no refit "
+             f"(README, Reconstruction). {_piem_weights_note(a)}; LSPS rows use Block Influence sensitivity, tau 1; methods that name no refit "
              "and no recovery run as published. A dash: not measured.", ""]
     head = "| method | " + " | ".join(f"PPL @ {r:.0%}" for r in ratios) + " | " + \
         " | ".join(f"zero-shot @ {r:.0%}" for r in ratios) + " | " + " | ".join(f"params @ {r:.0%} (M)" for r in ratios) \
@@ -189,6 +214,8 @@ def ablation_section(a: dict) -> list[str]:
             if row is None or row.get(key) is None or (key == "zeroshot_avg_acc" and row.get("zeroshot_limit") != limit):
                 return "–"
             text = fmt(row[key])
+            if key in ("ppl", "zeroshot_avg_acc") and (w := _row_weights(a, row)) and list(w) != shipped:
+                text += "†"
             return f"**{text}**" if key == "ppl" and best.get(r) == m else text
 
         lines += [f"### {title}", ""]

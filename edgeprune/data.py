@@ -5,6 +5,8 @@ A text spec is one of:
   split by topic into disjoint calibration (80%) and evaluation (20%) parts. Needs no download.
 - a local text file, or a directory of ``*.txt``/``*.raw`` files. WikiText raw files (``wiki.*.raw``) are joined
   the standard way (the HF rows, joined with blank lines, as GPTQ/Wanda/LLM-Pruner do).
+- ``auto`` or a list of specs (``resolve_text``): the first that exists; ``auto`` is WikiText-2 under
+  ``$EDGEPRUNE_DATA`` or ``../shared/data`` (valid for calibration, test for evaluation), else ``builtin``.
 - a dataset name, ``wikitext2``, ``ptb`` or ``c4``, fetched with HF ``datasets`` (online users only):
   calibration reads the train split, evaluation the test (validation for c4) split.
 
@@ -53,6 +55,20 @@ def load_text(spec: str = BUILTIN, split: Split = "eval") -> Text:
     raise EdgePruneError(
         f"text not found: {spec} (expected a file, a directory, '{BUILTIN}' or one of {', '.join(DATASETS)})"
     )
+
+
+def resolve_text(spec: str | list[str], split: Split = "eval") -> Text:
+    """The first of a list of specs that exists ('builtin' always does); ``auto`` is WikiText-2 under the data
+    directory, else builtin (edgeprune.config.text_candidates)."""
+    from edgeprune.config import text_candidates
+
+    candidates = text_candidates(spec, split)
+    if len(candidates) == 1:  # one spec: its own error when it is missing
+        return load_text(candidates[0], split)
+    for c in candidates:
+        if c == BUILTIN or c in DATASETS or Path(c).expanduser().exists():
+            return load_text(c, split)
+    raise EdgePruneError(f"none of the {split} texts exist: {', '.join(candidates)}")
 
 
 def _read_file(path: Path) -> str:

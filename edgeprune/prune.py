@@ -4,76 +4,23 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 
-from edgeprune.allocation import allocate, unit_costs
-from edgeprune.allocation.base import check_ratio
+from edgeprune.allocation import ALLOCATORS, unit_costs
+from edgeprune.config import PruneConfig
 from edgeprune.data import Text, calibration_batches
-from edgeprune.errors import EdgePruneError
 from edgeprune.models.info import param_counts
 from edgeprune.plan import PruningPlan, compose
 from edgeprune.reconstruct import apply_plan_reconstruct
-from edgeprune.recover import RecoveryConfig, distill
+from edgeprune.recover import distill
 from edgeprune.scoring import make_scorer, score_model
 from edgeprune.selection import build_plan
-from edgeprune.sensitivity import measure
+from edgeprune.sensitivity import SENSITIVITIES
 from edgeprune.surgery import apply_plan
 
-
-@dataclass
-class PruneConfig:
-    ratio: float
-    scorer: str = "piem"
-    allocator: str = "uniform"
-    attn_unit: str = "group"
-    round_to: int = 1
-    rounds: int = 1
-    n_samples: int = 64
-    seq_len: int = 128
-    seed: int = 0
-    scorer_options: dict = field(default_factory=dict)
-    sensitivity: str = "loss"
-    probe_ratio: float = 0.3
-    tau: float = 1.0
-    min_module_ratio: float = 0.0
-    max_module_ratio: float = 0.8
-    bias_compensation: bool = False
-    reconstruct: bool = False  # least-squares refit of o_proj/down_proj on calibration text (reconstruct.py)
-    damp: float = 1e-3
-    sensitivity_samples: int = 16  # calibration windows for the loss probe (a subset of the calibration set)
-    # recovery by distillation from the unpruned model after the last round (recover.py); 0 steps = off
-    recover_steps: int = 0
-    recover_lr: float = 4e-4
-    recover_batch: int = 4
-    recover_ce: float = 0.0
-
-    def recovery(self) -> RecoveryConfig:
-        return RecoveryConfig(self.recover_steps, self.recover_lr, self.recover_batch, ce_weight=self.recover_ce,
-                              seed=self.seed + 1)
-
-    def validate(self) -> None:
-        """One-line errors for every bad option: shared by `edgeprune prune` and `edgeprune run`."""
-        from edgeprune.allocation import ALLOCATORS
-        from edgeprune.allocation.base import ATTN_UNITS
-        from edgeprune.scoring import make_scorer
-        from edgeprune.sensitivity import SENSITIVITIES
-
-        check_ratio(self.ratio)
-        make_scorer(self.scorer, seed=self.seed, **self.scorer_options)  # unknown scorers and options fail here
-        for what, value, known in (("allocator", self.allocator, ALLOCATORS), ("attention unit", self.attn_unit,
-                                   ATTN_UNITS), ("sensitivity", self.sensitivity, SENSITIVITIES)):
-            if value not in known:
-                raise EdgePruneError(f"unknown {what} '{value}'; choose from {', '.join(known)}")
-        if self.rounds < 1 or self.round_to < 1 or self.n_samples < 1 or self.seq_len < 2:
-            raise EdgePruneError("rounds, round-to and the number of calibration samples must be at least 1, "
-                                 "the calibration sequence length at least 2")
-        if not 0 < self.probe_ratio < 1:
-            raise EdgePruneError("probe-ratio must be in (0, 1)")
-        if not 0 <= self.min_module_ratio <= self.max_module_ratio < 1:
-            raise EdgePruneError("need 0 <= min-module-ratio <= max-module-ratio < 1")
-        self.recovery().validate()
+__all__ = ["PruneConfig", "compensation_biases", "prune_model"]
 
 
 def _prunable(adapter) -> int:
@@ -105,7 +52,7 @@ def compensation_biases(adapter, plan: PruningPlan, means: dict) -> tuple[dict, 
 
 def _dense_key(cfg: PruneConfig, calib: Text) -> tuple:
     """What round 1's scores and sensitivities depend on (not the ratio: round 1 always sees the dense model)."""
-    return (cfg.scorer, tuple(sorted(cfg.scorer_options.items())), cfg.allocator, cfg.sensitivity,
+    return (cfg.scorer, tuple(sorted(cfg.scorer_kwargs().items())), cfg.allocator, cfg.sensitivity,
             cfg.probe_ratio, cfg.attn_unit, cfg.n_samples, cfg.seq_len, cfg.seed, cfg.sensitivity_samples,
             cfg.bias_compensation and not cfg.reconstruct, calib.sha256)
 
@@ -122,7 +69,10 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
     import resource
 
     cfg.validate()
-    scorer = make_scorer(cfg.scorer, seed=cfg.seed, **cfg.scorer_options)
+    scorer = make_scorer(cfg.scorer, seed=cfg.seed, **cfg.scorer_kwargs())
+    allocator_cls = ALLOCATORS[cfg.allocator]
+    sensitivity = SENSITIVITIES[cfg.sensitivity]() if allocator_cls.needs_sensitivity else None
+    block_stats = allocator_cls.needs_block_stats or bool(sensitivity and sensitivity.needs_block_stats)
     batches = calibration_batches(lm.tokenizer, calib, cfg.n_samples, cfg.seq_len, cfg.seed)
     probe = batches[: cfg.sensitivity_samples]
     before = param_counts(lm.adapter)
@@ -141,21 +91,18 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
             scores, sens, means = cache[key]
         else:
             means = {} if cfg.bias_compensation and not cfg.reconstruct else None
-            blocks = cfg.allocator in ("depth", "owl") or (cfg.allocator == "lsps" and cfg.sensitivity == "bi")
-            scores = score_model(lm.adapter, scorer, batches, progress=progress, block_stats=blocks,
-                                 keep_gradients=cfg.sensitivity == "fisher", compensation=means)
+            scores = score_model(lm.adapter, scorer, batches, progress=progress, block_stats=block_stats,
+                                 keep_gradients=bool(sensitivity and sensitivity.needs_gradients),
+                                 compensation=means)
             sens = None
-            if cfg.allocator == "lsps":
-                sens = measure(cfg.sensitivity, lm.adapter, scores, probe, cfg.probe_ratio, cfg.attn_unit,
-                               grads=getattr(scores, "gradients", None), progress=progress)
+            if sensitivity is not None:
+                sens = sensitivity.measure(lm.adapter, scores, probe, cfg.probe_ratio, cfg.attn_unit,
+                                           getattr(scores, "gradients", None), progress)
             if cache is not None and key is not None:
                 cache[key] = (scores, sens, means)
-        options = {}
-        if cfg.allocator == "lsps":
-            options = {"tau": cfg.tau, "min_ratio": min(cfg.min_module_ratio, round_ratio),
-                       "max_ratio": max(cfg.max_module_ratio, round_ratio)}
-        alloc = allocate(cfg.allocator, lm.adapter, round_ratio, scores=scores, sensitivities=sens,
-                         attn_unit=cfg.attn_unit, round_to=cfg.round_to, **options)
+        alloc = allocator_cls.from_config(cfg, round_ratio).allocate(
+            lm.adapter, round_ratio, scores=scores, sensitivities=sens, attn_unit=cfg.attn_unit,
+            round_to=cfg.round_to)
         step = build_plan(lm.adapter, scores, alloc)
         if cfg.reconstruct:  # subsumes bias compensation (the refit includes the bias)
             apply_plan_reconstruct(lm.adapter, step, batches, damp=cfg.damp, progress=progress)

@@ -17,6 +17,7 @@ from typing import Any
 
 from edgeprune.errors import EdgePruneError
 from edgeprune.io import MANIFEST, write_json
+from edgeprune.rundir import ABLATION, REPORT, RUN_KIND, STAGE_FILE, VARIANTS, StageId, read_stages, stage_dir
 
 README_START = "<!-- run-table:start -->"
 README_END = "<!-- run-table:end -->"
@@ -70,14 +71,12 @@ def _layers(prune: dict) -> list[dict]:
 
 def collect(run_dir: str | Path) -> dict:
     """All the report's numbers, from the run directory."""
-    from edgeprune.pipeline import read_stages
-
     run_dir = Path(run_dir)
     try:
         man = json.loads((run_dir / MANIFEST).read_text())
     except (OSError, ValueError):
         raise EdgePruneError(f"{run_dir} is not a run directory (no readable {MANIFEST})") from None
-    if man.get("kind") != "edgeprune-run":
+    if man.get("kind") != RUN_KIND:
         raise EdgePruneError(f"{run_dir / MANIFEST} is not an edgeprune run manifest")
     # only the stages of the latest run, as they were then (stale directories of earlier configs are ignored)
     keys = {s["name"]: s["key"] for s in man.get("stages", []) if s.get("key")}
@@ -89,7 +88,7 @@ def collect(run_dir: str | Path) -> dict:
         "model": cfg.get("run", {}).get("model"), "device": cfg.get("profile", {}).get("device"),
         "config": cfg, "versions": man.get("versions", {}),
         "stages": [{"name": s["name"], "status": s["status"], "seconds": s["seconds"], "key": s["key"]}
-                   for s in man.get("stages", []) if s["name"] != "report"],
+                   for s in man.get("stages", []) if s["name"] != REPORT],
         "stage_seconds": {name: s.get("seconds") for name, s in stages.items()},
     }
     p = res.get("prune")
@@ -101,8 +100,8 @@ def collect(run_dir: str | Path) -> dict:
             "seconds": p.get("seconds"), "peak_rss_mib": p.get("peak_rss_mib"), "layers": _layers(p),
         }
     models = {}
-    for v in ("baseline", "pruned"):
-        e = res.get(f"eval-{v}")
+    for v in VARIANTS:
+        e = res.get(StageId("eval", v).name)
         if e:
             z = e.get("zeroshot")
             models[v] = {"params": e["params"]["total"], "decoder_params": e["params"]["decoder_layers"],
@@ -114,17 +113,16 @@ def collect(run_dir: str | Path) -> dict:
     data["models"] = models
     artifacts = []
     for name, r in res.items():
-        m = re.fullmatch(r"export-(baseline|pruned)-(\w+)-(\w+)", name)
-        if not m:
-            continue
-        v, fmt, dtype = m.groups()
+        v, fmt, dtype = r.get("variant"), r.get("format"), r.get("dtype")
+        if name != StageId("export", v, fmt, dtype).name or v not in VARIANTS:
+            continue  # not an export stage (each export result names its own variant, format and dtype)
         row = {"variant": v, "format": fmt, "dtype": dtype, "size_bytes": r.get("size_bytes"),
                "parity_passed": r.get("parity", {}).get("passed"),
                "parity_max_abs_logit_diff": r.get("parity", {}).get("max_abs_logit_diff")}
-        ppl = res.get(f"ppl-{v}-{fmt}-{dtype}")
+        ppl = res.get(StageId("ppl", v, fmt, dtype).name)
         if ppl:
             row["ppl"] = ppl.get("ppl")
-        prof = res.get(f"profile-{v}-{fmt}-{dtype}")
+        prof = res.get(StageId("profile", v, fmt, dtype).name)
         if prof:
             row.update(ttft_ms=prof.get("ttft_ms"), decode_tokens_per_s=prof.get("decode_tokens_per_s"),
                        peak_rss_mib=prof.get("peak_rss_mib"), device=prof.get("device"))
@@ -133,7 +131,7 @@ def collect(run_dir: str | Path) -> dict:
     artifacts.sort(key=lambda a: (a["format"], a["dtype"], order[a["variant"]]))
     data["artifacts"] = artifacts
     data["comparison"] = _comparison(models, artifacts)
-    abl = run_dir / "inputs" / "ablation.json"
+    abl = run_dir / ABLATION
     data["ablation"] = json.loads(abl.read_text()) if abl.is_file() else None
     return data
 
@@ -473,10 +471,10 @@ def make_plots(data: dict) -> dict[str, bytes]:
 # --------------------------------------------------------------------------------------------------- write
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None, **_: Any) -> dict[str, Path]:
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Write report.json, report.md (+ plots/*.png) and report.html into ``out_dir`` (default RUN_DIR/report)."""
     run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
+    out_dir = Path(out_dir) if out_dir is not None else stage_dir(run_dir, REPORT)
     data = collect(run_dir)
     pngs = make_plots(data)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -497,11 +495,10 @@ def regenerate(run_dir: str | Path) -> dict[str, Path]:
     import shutil
 
     from edgeprune.io import atomic_dir
-    from edgeprune.pipeline import STAGE_FILE
 
     run_dir = Path(run_dir)
     collect(run_dir)  # fail before touching anything
-    dest = run_dir / "report"
+    dest = stage_dir(run_dir, REPORT)
     with atomic_dir(dest) as tmp:
         write_report(run_dir, tmp)
         if (dest / STAGE_FILE).is_file():

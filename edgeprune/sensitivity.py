@@ -12,12 +12,11 @@ Measures (``--sensitivity``):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 
 from edgeprune.errors import EdgePruneError
-
-SENSITIVITIES = ("loss", "bi", "fisher")
 
 
 @dataclass
@@ -86,20 +85,54 @@ def _rows(units, size):
     return torch.tensor([u * size + i for u in units for i in range(size)], dtype=torch.long)
 
 
-def measure(name: str, adapter, scores, batches: torch.Tensor, probe_ratio: float = 0.3,
-            attn_unit: str = "group", grads: dict | None = None, progress: bool = True) -> list[LayerSensitivity]:
-    if name not in SENSITIVITIES:
-        raise EdgePruneError(f"unknown sensitivity '{name}'; choose from {', '.join(SENSITIVITIES)}")
-    if name == "bi":
+class Sensitivity:
+    """One way to measure layer sensitivity. Capability flags say what ``measure`` reads, so the driver computes
+    only that: block statistics (an activation pass) or the gradients the scorer's backward pass produced."""
+
+    name: ClassVar[str] = ""
+    needs_block_stats: ClassVar[bool] = False
+    needs_gradients: ClassVar[bool] = False
+
+    def measure(self, adapter, scores, batches, probe_ratio, attn_unit, grads, progress) -> list[LayerSensitivity]:
+        raise NotImplementedError
+
+
+class LossProbe(Sensitivity):
+    name = "loss"
+
+    def measure(self, adapter, scores, batches, probe_ratio, attn_unit, grads, progress):
+        return _loss_probe(adapter, scores, batches, probe_ratio, attn_unit, progress)
+
+
+class BlockInfluence(Sensitivity):
+    name = "bi"
+    needs_block_stats = True
+
+    def measure(self, adapter, scores, batches, probe_ratio, attn_unit, grads, progress):
         out = []
         for layer, s in zip(adapter.layers, scores.layers, strict=True):
             if not s.blocks:
                 raise EdgePruneError("the bi sensitivity needs a scorer that reads activations")
             out.append(LayerSensitivity(layer.index, s.blocks["attention"], s.blocks["mlp"]))
         return out
-    if name == "fisher":
+
+
+class FisherProbe(Sensitivity):
+    name = "fisher"
+    needs_gradients = True
+
+    def measure(self, adapter, scores, batches, probe_ratio, attn_unit, grads, progress):
         return _fisher(adapter, scores, probe_ratio, attn_unit, grads)
-    return _loss_probe(adapter, scores, batches, probe_ratio, attn_unit, progress)
+
+
+SENSITIVITIES: dict[str, type[Sensitivity]] = {c.name: c for c in (LossProbe, BlockInfluence, FisherProbe)}
+
+
+def measure(name: str, adapter, scores, batches: torch.Tensor, probe_ratio: float = 0.3,
+            attn_unit: str = "group", grads: dict | None = None, progress: bool = True) -> list[LayerSensitivity]:
+    if name not in SENSITIVITIES:
+        raise EdgePruneError(f"unknown sensitivity '{name}'; choose from {', '.join(SENSITIVITIES)}")
+    return SENSITIVITIES[name]().measure(adapter, scores, batches, probe_ratio, attn_unit, grads, progress)
 
 
 def _loss_probe(adapter, scores, batches, probe_ratio, attn_unit, progress) -> list[LayerSensitivity]:

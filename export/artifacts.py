@@ -24,7 +24,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def resolve_checkpoint(spec: str) -> Path:
     """A directory holding config.json + safetensors: the checkpoint itself, or the cache of a GGUF/default."""
     from edgeprune.models import load
-    from edgeprune.models.loader import _gguf_cache_path, resolve_default_gguf
+    from edgeprune.models.loader import gguf_cache_path, resolve_default_gguf
 
     path = Path(spec).expanduser()
     if spec != "default" and path.is_dir():
@@ -35,7 +35,7 @@ def resolve_checkpoint(spec: str) -> Path:
         gguf = resolve_default_gguf() if spec == "default" else path
         if not gguf.is_file():
             raise EdgePruneError(f"model not found: {spec}")
-        cache = _gguf_cache_path(gguf)
+        cache = gguf_cache_path(gguf)
         if not (cache / "manifest.json").is_file():
             load(str(gguf))  # dequantizes and writes the cache
         if not (cache / "manifest.json").is_file():

@@ -159,9 +159,9 @@ def _resolve_checkpoint(path: Path) -> Path:
     """A model directory; a .gguf file that edgeprune has loaded before stands for its dequantized cache (what
     ``load("default").source`` names the first time, before the cache exists)."""
     if path.is_file() and path.suffix == ".gguf":
-        from edgeprune.models.loader import _gguf_cache_path
+        from edgeprune.models.loader import gguf_cache_path
 
-        cached = _gguf_cache_path(path)
+        cached = gguf_cache_path(path)
         if (cached / "manifest.json").is_file():
             return cached
         raise EdgePruneError(f"{path} is a GGUF file without an edgeprune cache: load it once with edgeprune "

@@ -11,14 +11,8 @@ from pathlib import Path
 import pytest
 
 from edgeprune.errors import EdgePruneError
-from edgeprune.pipeline import (
-    DEFAULTS,
-    Pipeline,
-    dump_toml,
-    load_config,
-    parse_override,
-    run_pipeline,
-)
+from edgeprune.pipeline import defaults, dump_toml, load_config, parse_override, plan, run_pipeline
+from edgeprune.pipeline.stages import ExportStage, ProfileStage
 
 TINY_TOML = """
 [run]
@@ -164,11 +158,11 @@ def test_failed_stage_stops_keeps_earlier_stages_and_resumes(first_run, tiny_con
     cfg = load_config(tiny_config, ["profile.new_tokens=3"], out=run)  # only the profile stages change
     before = (run / "stages" / "profile-baseline-gguf-fp32" / "stage.json").read_text()
 
-    def boom(self, out, variant, fmt, dtype):
+    def boom(self, out):
         (out / "partial.json").write_text("{}")
         raise EdgePruneError("the device is on fire")
 
-    monkeypatch.setattr(Pipeline, "_profile", boom)
+    monkeypatch.setattr(ProfileStage, "run", boom)
     with pytest.raises(EdgePruneError, match="stage profile-baseline-gguf-fp32 failed: the device is on fire"):
         run_pipeline(cfg, progress=False)
     man = json.loads((run / "manifest.json").read_text())
@@ -192,15 +186,15 @@ def test_interrupted_run_resumes(first_run, tiny_config, tmp_path, monkeypatch):
     shutil.copytree(first_run.run_dir, run)
     shutil.rmtree(run / "stages" / "export-pruned-onnx-fp32")  # as if the first run had stopped here
     cfg = load_config(tiny_config, out=run)
-    real = Pipeline._export
+    real = ExportStage.run
 
-    def interrupted(self, out, variant, fmt, dtype):
-        if (variant, fmt) == ("pruned", "onnx"):
+    def interrupted(self, out):
+        if (self.variant, self.format) == ("pruned", "onnx"):
             (out / "half-written").write_text("x")
             raise KeyboardInterrupt
-        return real(self, out, variant, fmt, dtype)
+        return real(self, out)
 
-    monkeypatch.setattr(Pipeline, "_export", interrupted)
+    monkeypatch.setattr(ExportStage, "run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg, progress=False)
     assert not (run / "stages" / "export-pruned-onnx-fp32").exists()
@@ -227,11 +221,11 @@ def test_config_layers_and_overrides(tmp_path):
     cfg = load_config(path, ["prune.scorer=magnitude", "evaluate.tasks=piqa,boolq", "profile.repeats=5",
                              'data.eval=["missing.txt", "builtin"]', "evaluate.artifacts=false"],
                       ratio=0.3, out=tmp_path / "o", device="rpi5", model=None)
-    assert cfg["prune"]["ratio"] == 0.3 and cfg["prune"]["scorer"] == "magnitude"
-    assert cfg["evaluate"]["tasks"] == ["piqa", "boolq"] and cfg["profile"]["repeats"] == 5
-    assert cfg["data"]["eval"] == ["missing.txt", "builtin"] and cfg["evaluate"]["artifacts"] is False
-    assert cfg["run"]["out"] == str(tmp_path / "o") and cfg["profile"]["device"] == "rpi5"
-    assert cfg["run"]["model"] == DEFAULTS["run"]["model"] and cfg["export"]["artifacts"] == ["onnx:int8"]
+    assert cfg.prune.ratio == 0.3 and cfg.prune.scorer == "magnitude"
+    assert cfg.evaluate.tasks == ["piqa", "boolq"] and cfg.profile.repeats == 5
+    assert cfg.data.eval == ["missing.txt", "builtin"] and cfg.evaluate.artifacts is False
+    assert cfg.run.out == str(tmp_path / "o") and cfg.profile.device == "rpi5" and cfg.run.device == "cpu"
+    assert cfg.run.model == defaults()["run"]["model"] and cfg.export.artifacts == ["onnx:int8"]
     # the run directory's config.toml reads back to the same settings
     (tmp_path / "again.toml").write_text(dump_toml(cfg))
     assert load_config(tmp_path / "again.toml") == cfg
@@ -239,8 +233,8 @@ def test_config_layers_and_overrides(tmp_path):
 
 def test_packaged_demo_config_is_valid():
     cfg = load_config("demo")
-    assert cfg["run"]["model"] == "default" and cfg["prune"]["allocator"] == "lsps"
-    assert set(cfg["export"]["artifacts"]) == {"gguf:q8_0", "onnx:int8"}
+    assert cfg.run.model == "default" and cfg.prune.allocator == "lsps"
+    assert set(cfg.export.artifacts) == {"gguf:q8_0", "onnx:int8"}
 
 
 @pytest.mark.parametrize("item,needle", [
@@ -274,7 +268,7 @@ def test_parse_override_values():
 def test_plan_errors_before_any_work(tmp_path, overrides, needle):
     cfg = load_config(None, overrides, out=tmp_path / "run")
     with pytest.raises(EdgePruneError) as e:
-        Pipeline(cfg, progress=False).run()
+        run_pipeline(cfg, progress=False)
     assert needle in str(e.value)
     assert not (tmp_path / "run" / "stages").exists()  # nothing ran
 
@@ -289,7 +283,7 @@ def test_one_run_per_directory(tmp_path):
     with open(run / ".lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(EdgePruneError, match="another `edgeprune run` is using"):
-            Pipeline(load_config(None, ["export.artifacts=[]"], out=run, model=str(model)), progress=False).run()
+            run_pipeline(load_config(None, ["export.artifacts=[]"], out=run, model=str(model)), progress=False)
     assert not (run / "stages").exists()
 
 
@@ -305,8 +299,8 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_demo_config_plans_on_the_default_model(tmp_path):
     """The demo's stage list on the real model, without running it (`make demo` runs it)."""
     cfg = load_config("demo", out=tmp_path / "run")
-    stages = Pipeline(cfg, progress=False).plan()
+    stages = plan(cfg, progress=False)
     names = [s.name for s in stages]
     assert names[:3] == ["eval-baseline", "prune", "eval-pruned"] and names[-1] == "report"
     assert {f"export-{v}-{f}" for v in ("baseline", "pruned") for f in ("gguf-q8_0", "onnx-int8")} <= set(names)
-    assert Path(cfg["run"]["out"]) == tmp_path / "run"
+    assert Path(cfg.run.out) == tmp_path / "run"

@@ -40,10 +40,11 @@ def test_surgery_equals_masking_on_the_real_model(fresh_default):
 
 
 def test_prune_cli_checkpoint_loads_everywhere(tmp_path, data_dir, default_lm):
+    """The README's first example (the default recipe: LSPS gives per-layer widths), one round to keep it short."""
     out = tmp_path / "p20"
     p = subprocess.run([sys.executable, "-m", "edgeprune", "prune", "default", "--ratio", "0.2", "--scorer", "piem",
                         "--calib", str(data_dir / "wikitext-2" / "tokens" / "valid.txt"), "--n-samples", "16",
-                        "-o", str(out)], capture_output=True, text=True, timeout=900)
+                        "--rounds", "1", "-o", str(out)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr
     assert "total parameters" in p.stdout
     manifest = json.loads((out / "manifest.json").read_text())
@@ -51,7 +52,8 @@ def test_prune_cli_checkpoint_loads_everywhere(tmp_path, data_dir, default_lm):
     assert len(manifest["plan"]["layers"]) == 30 and manifest["calibration"]["sha256"]
     from transformers import AutoModelForCausalLM
 
-    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert manifest["config"]["allocator"] == "lsps" and manifest["config"]["reconstruct"]
+    plain = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     from edgeprune.models import load
 
     ours = load(str(out))
@@ -103,7 +105,8 @@ def test_distillation_recovers_a_pruned_real_model(fresh_default, data_dir):
     teacher = copy.deepcopy(lm.model).eval()
     calib = load_text(str(data_dir / "wikitext-2" / "tokens" / "valid.txt"), "calib")
     test = load_text(str(data_dir / "wikitext-2" / "wiki.test.raw"))
-    prune_model(lm, PruneConfig(0.2, "wanda-sp", "uniform", n_samples=16), calib, progress=False)
+    prune_model(lm, PruneConfig(0.2, "wanda-sp", "uniform", rounds=1, reconstruct=False, n_samples=16), calib,
+                progress=False)
 
     def ppl():
         return perplexity(lm.model, lm.tokenizer, test, 128, max_tokens=2048, progress=False)["ppl"]

@@ -26,7 +26,7 @@ def test_recovery_brings_the_pruned_model_back_towards_the_dense_one():
     lm = build_tiny("llama")
     teacher = copy.deepcopy(lm.model).eval()
     held_out = calibration_batches(lm.tokenizer, load_text("builtin", "eval"), 8, 32, seed=5)
-    cfg = dict(ratio=0.4, scorer="piem", allocator="uniform", n_samples=8, seq_len=32)
+    cfg = dict(ratio=0.4, scorer="piem", allocator="uniform", rounds=1, reconstruct=False, n_samples=8, seq_len=32)
     plain = build_tiny("llama")
     prune_model(plain, PruneConfig(**cfg), text, progress=False)
     record = prune_model(lm, PruneConfig(**cfg, recover_steps=30, recover_lr=3e-3), text, progress=False)
@@ -74,7 +74,7 @@ def test_cross_entropy_share_mixes_into_the_loss():
 
 def test_before_recovery_hook_sees_the_pruned_model_before_distillation():
     text = load_text("builtin", "calib")
-    cfg = dict(ratio=0.4, scorer="piem", allocator="uniform", n_samples=8, seq_len=32)
+    cfg = dict(ratio=0.4, scorer="piem", allocator="uniform", rounds=1, reconstruct=False, n_samples=8, seq_len=32)
     plain = build_tiny("llama")
     prune_model(plain, PruneConfig(**cfg), text, progress=False)
     seen = {}

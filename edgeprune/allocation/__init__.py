@@ -1,30 +1,32 @@
-"""Allocators: per-layer removal counts under a global budget of decoder parameters."""
+"""Allocators: per-layer removal counts under a global budget of decoder parameters. Each is a small class with
+capability flags (what it reads: scores, block statistics, sensitivities), registered by name in ``ALLOCATORS``
+as the scorers are in ``edgeprune.scoring``. Importing this package does not import torch."""
 
-from edgeprune.allocation.base import Allocation, LayerAllocation, UnitCosts, unit_costs
+from edgeprune.allocation import layerwise, uniform  # noqa: F401  (registers the allocators)
+from edgeprune.allocation.base import (
+    ALLOCATORS,
+    Allocation,
+    Allocator,
+    LayerAllocation,
+    UnitCosts,
+    check_ratio,
+    unit_costs,
+)
 from edgeprune.errors import EdgePruneError
 
-ALLOCATORS = ("uniform", "lsps", "global", "owl", "depth")
+
+def make_allocator(name: str, **options) -> Allocator:
+    if name not in ALLOCATORS:
+        raise EdgePruneError(f"unknown allocator '{name}'; choose from {', '.join(ALLOCATORS)}")
+    return ALLOCATORS[name](**options)
 
 
 def allocate(name: str, adapter, ratio: float, *, scores=None, sensitivities=None, attn_unit: str = "group",
              round_to: int = 1, **options) -> Allocation:
-    if name == "uniform":
-        from edgeprune.allocation.uniform import allocate_uniform
-
-        return allocate_uniform(adapter, ratio, attn_unit=attn_unit, round_to=round_to)
-    from edgeprune.allocation import layerwise as lw
-
-    if name == "lsps":
-        if sensitivities is None:
-            raise EdgePruneError("the lsps allocator needs layer sensitivities")
-        return lw.allocate_lsps(adapter, ratio, sensitivities, attn_unit, round_to, **options)
-    if name == "global":
-        return lw.allocate_global(adapter, ratio, scores, attn_unit, round_to)
-    if name == "owl":
-        return lw.allocate_owl(adapter, ratio, scores, attn_unit, round_to)
-    if name == "depth":
-        return lw.allocate_depth(adapter, ratio, scores)
-    raise EdgePruneError(f"unknown allocator '{name}'; choose from {', '.join(ALLOCATORS)}")
+    """One allocation with allocator ``name`` built from ``options`` (LSPS: tau, min_ratio, max_ratio)."""
+    return make_allocator(name, **options).allocate(adapter, ratio, scores=scores, sensitivities=sensitivities,
+                                                    attn_unit=attn_unit, round_to=round_to)
 
 
-__all__ = ["ALLOCATORS", "Allocation", "LayerAllocation", "UnitCosts", "allocate", "unit_costs"]
+__all__ = ["ALLOCATORS", "Allocation", "Allocator", "LayerAllocation", "UnitCosts", "allocate", "check_ratio",
+           "make_allocator", "unit_costs"]

@@ -4,10 +4,39 @@ remove) into per-layer unit counts; it never decides *which* units (scores do) n
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 from edgeprune.errors import EdgePruneError
 
 ATTN_UNITS = ("group", "head")
+
+
+class Allocator:
+    """Turns a budget into per-layer unit counts. The capability flags say what ``allocate`` reads, so the
+    driver (edgeprune/prune.py) computes only that: unit scores, block statistics from an activation pass
+    (Block Influence, outlier ratios), per-module sensitivities."""
+
+    name: ClassVar[str] = ""
+    needs_scores: ClassVar[bool] = False
+    needs_block_stats: ClassVar[bool] = False
+    needs_sensitivity: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, cfg, ratio: float) -> Allocator:
+        """The allocator for one round of ``cfg`` (a PruneConfig) that removes ``ratio`` of the current model."""
+        return cls()
+
+    def allocate(self, adapter, ratio: float, *, scores=None, sensitivities=None, attn_unit: str = "group",
+                 round_to: int = 1) -> Allocation:
+        raise NotImplementedError
+
+
+ALLOCATORS: dict[str, type[Allocator]] = {}
+
+
+def register(cls: type[Allocator]) -> type[Allocator]:
+    ALLOCATORS[cls.name] = cls
+    return cls
 
 
 @dataclass

@@ -6,17 +6,69 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from edgeprune.allocation.base import (
     Allocation,
+    Allocator,
     LayerAllocation,
     check_ratio,
     integerize,
+    register,
     solve_ratios,
     unit_costs,
 )
 from edgeprune.errors import EdgePruneError
+
+
+@register
+class LSPS(Allocator):
+    """The paper's layer-aware sensitivity strategy (``allocate_lsps``)."""
+
+    name = "lsps"
+    needs_sensitivity = True
+
+    def __init__(self, tau: float = 1.0, min_ratio: float = 0.0, max_ratio: float = 0.8):
+        self.tau, self.min_ratio, self.max_ratio = tau, min_ratio, max_ratio
+
+    @classmethod
+    def from_config(cls, cfg, ratio):
+        # a round's ratio may lie outside the user's module bounds (a small last round): widen them to it
+        return cls(cfg.tau, min(cfg.min_module_ratio, ratio), max(cfg.max_module_ratio, ratio))
+
+    def allocate(self, adapter, ratio, *, scores=None, sensitivities=None, attn_unit="group", round_to=1):
+        if sensitivities is None:
+            raise EdgePruneError("the lsps allocator needs layer sensitivities")
+        return allocate_lsps(adapter, ratio, sensitivities, attn_unit, round_to, self.tau, self.min_ratio,
+                             self.max_ratio)
+
+
+@register
+class GlobalRanking(Allocator):
+    name = "global"
+    needs_scores = True
+
+    def allocate(self, adapter, ratio, *, scores=None, sensitivities=None, attn_unit="group", round_to=1):
+        return allocate_global(adapter, ratio, scores, attn_unit, round_to)
+
+
+@register
+class OWL(Allocator):
+    name = "owl"
+    needs_block_stats = True
+
+    def __init__(self, lam: float = 0.08):
+        self.lam = lam
+
+    def allocate(self, adapter, ratio, *, scores=None, sensitivities=None, attn_unit="group", round_to=1):
+        return allocate_owl(adapter, ratio, scores, attn_unit, round_to, self.lam)
+
+
+@register
+class Depth(Allocator):
+    name = "depth"
+    needs_block_stats = True
+
+    def allocate(self, adapter, ratio, *, scores=None, sensitivities=None, attn_unit="group", round_to=1):
+        return allocate_depth(adapter, ratio, scores)
 
 
 def _budget(costs, ratio: float) -> float:
@@ -53,6 +105,8 @@ def allocate_lsps(adapter, ratio: float, sensitivities, attn_unit: str = "group"
 def allocate_global(adapter, ratio: float, scores, attn_unit: str = "group", round_to: int = 1) -> Allocation:
     """FLAP-style: standardise each layer's unit scores per kind ((s - mean) / std), rank all units of all
     layers together and remove the lowest until the budget is met (at least one unit of each module stays)."""
+    import torch
+
     check_ratio(ratio)
     costs = unit_costs(adapter, attn_unit)
     budget = _budget(costs, ratio)
@@ -81,7 +135,7 @@ def allocate_global(adapter, ratio: float, scores, attn_unit: str = "group", rou
     return integerize(costs, attn_r, mlp_r, budget, attn_unit, round_to)
 
 
-def _per_position(heads: torch.Tensor | None, g: int) -> torch.Tensor | None:
+def _per_position(heads, g: int):
     """Head-unit importance by position within the group (the same position goes from every group)."""
     if heads is None:
         return None

@@ -6,8 +6,24 @@ the ratio to within one channel."""
 
 from __future__ import annotations
 
-from edgeprune.allocation.base import Allocation, LayerAllocation, check_ratio, round_kept, unit_costs
+from edgeprune.allocation.base import (
+    Allocation,
+    Allocator,
+    LayerAllocation,
+    check_ratio,
+    register,
+    round_kept,
+    unit_costs,
+)
 from edgeprune.errors import EdgePruneError
+
+
+@register
+class Uniform(Allocator):
+    name = "uniform"
+
+    def allocate(self, adapter, ratio, *, scores=None, sensitivities=None, attn_unit="group", round_to=1):
+        return allocate_uniform(adapter, ratio, attn_unit, round_to)
 
 
 def allocate_uniform(adapter, ratio: float, attn_unit: str = "group", round_to: int = 1,

@@ -35,6 +35,11 @@ class Example:
     gold: int
 
 
+def task_files(name: str) -> list[str]:
+    """The files of one task, relative to the tasks directory."""
+    return [_FILES[name]] + ([_PIQA_LABELS] if name == "piqa" else [])
+
+
 def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
     rows = []
     with path.open(encoding="utf-8") as f:

@@ -41,6 +41,11 @@ class LoadedModel:
     manifest: dict = field(default_factory=dict)  # an edgeprune checkpoint's manifest, if any
 
 
+def is_hub_id(spec: str) -> bool:
+    """``owner/name``: what ``load`` would fetch from a model hub."""
+    return bool(_HUB_ID.match(spec)) and not spec.endswith(".gguf")
+
+
 def cache_dir() -> Path:
     root = os.environ.get("EDGEPRUNE_CACHE")
     if root:
@@ -91,8 +96,21 @@ def resolve_named_gguf(name: str) -> Path:
     return out
 
 
-def load(spec: str = DEFAULT_MODEL, *, use_cache: bool = True) -> LoadedModel:
-    """Load a model for compression or evaluation (float32, eval mode) with its tokenizer and adapter."""
+def load(spec: str = DEFAULT_MODEL, *, use_cache: bool = True, device: str = "cpu",
+         dtype: str = "float32") -> LoadedModel:
+    """Load a model for compression or evaluation (eval mode) with its tokenizer and adapter, on ``device``
+    (cpu | cuda | cuda:N | auto) in ``dtype`` (float32 | bfloat16 | float16)."""
+    from edgeprune.config import ModelLoad
+
+    placement = ModelLoad(device, dtype)
+    placement.validate()
+    lm = _load(spec, use_cache)
+    if not placement.is_default:
+        _place(lm, placement)
+    return lm
+
+
+def _load(spec: str, use_cache: bool) -> LoadedModel:
     _quiet_transformers()
     if spec == DEFAULT_MODEL or spec in NAMED_GGUF:
         gguf = resolve_default_gguf() if spec == DEFAULT_MODEL else resolve_named_gguf(spec)
@@ -106,9 +124,25 @@ def load(spec: str = DEFAULT_MODEL, *, use_cache: bool = True) -> LoadedModel:
         if path.suffix == ".gguf":
             return _load_gguf(path, use_cache=use_cache)
         raise EdgePruneError(f"{spec} is not a model directory or a .gguf file")
-    if _HUB_ID.match(spec) and not spec.endswith(".gguf"):
+    if is_hub_id(spec):
         return _load_hub(spec)
     raise EdgePruneError(f"model not found: {spec} (no such file or directory)")
+
+
+def _place(lm: LoadedModel, placement) -> None:
+    """Move the loaded (float32, cpu) model to the requested device and dtype."""
+    import torch
+
+    device = placement.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise EdgePruneError(f"device {device}: no CUDA device is available (torch {torch.__version__})")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise EdgePruneError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    lm.model.to(device=device, dtype=getattr(torch, placement.dtype))
 
 
 def _quiet_transformers() -> None:
@@ -182,7 +216,7 @@ def _load_hub(repo_id: str) -> LoadedModel:
     return _finish(model, tokenizer, repo_id, repo_id)
 
 
-def _gguf_cache_path(gguf: Path) -> Path:
+def gguf_cache_path(gguf: Path) -> Path:
     """The cache of a GGUF file is keyed by its content, so every copy of the same file shares it."""
     from edgeprune.io import sha256_file
 
@@ -190,7 +224,7 @@ def _gguf_cache_path(gguf: Path) -> Path:
 
 
 def _load_gguf(gguf: Path, use_cache: bool = True) -> LoadedModel:
-    cached = _gguf_cache_path(gguf)
+    cached = gguf_cache_path(gguf)
     if use_cache and (cached / "manifest.json").is_file():
         lm = _load_dir(cached, str(gguf))
         lm.source = str(cached)

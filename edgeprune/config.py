@@ -1,0 +1,245 @@
+"""The one typed configuration of pruning and model loading.
+
+``PruneConfig`` is what `edgeprune prune` takes as options, what the ``[prune]`` section of an `edgeprune run`
+config holds, and what the Python API (``edgeprune.prune.prune_model``) reads: the same fields, the same
+defaults, one validation. ``ModelLoad`` (device, dtype) is what `score`, `prune`, `eval` and `run` load models
+with; ``DataSpec`` names the calibration and evaluation text. The CLI options are generated from these fields
+(edgeprune/cli_options.py), so a field cannot be added to one without the other.
+
+The defaults are the best recipe measured in BENCHMARKS.md (ablation, without retraining): PIEM scores, LSPS
+allocation with Block Influence sensitivity, several rounds, the least-squares refit, 64 calibration windows of
+WikiText-2 *valid* when ``../shared/data`` (or ``$EDGEPRUNE_DATA``) has it, else the built-in text. Distillation
+(``recover_steps``) stays opt-in: it costs minutes.
+
+Why dataclasses and not pydantic: the rules that matter are cross-field and registry checks (bounds, known
+scorers and allocators), written by hand either way; type coercion from TOML and ``--set`` is the small
+``coerce`` below, with the one-line errors this project wants (pydantic's are multi-line, one per field, with
+links); callers construct ``PruneConfig(0.2, "piem", "lsps")`` positionally, which pydantic models do not allow;
+and the standard library keeps ``import edgeprune.cli`` free of another dependency. ``dataclasses.fields`` gives
+the CLI generator and the TOML loader everything they need (type, default, help in the field's metadata).
+
+Not here: loading text or models, and the pipeline's other sections (edgeprune/pipeline/config.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+import typing
+from dataclasses import MISSING, Field, asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeprune.errors import EdgePruneError
+
+
+def option(default: Any, help: str, *, flag: str | None = None, cli: bool = True) -> Any:
+    """A config field with its CLI help; ``flag``: the CLI name when it is not ``--field-name``; ``cli=False``:
+    Python API only."""
+    meta = {"help": help, "flag": flag, "cli": cli}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def default_of(f: Field) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+# --------------------------------------------------------------------------------------------- coercion
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def coerce(tp: Any, value: Any, where: str) -> Any:
+    """``value`` (from TOML, ``--set`` or the CLI) as type ``tp``, or a one-line error naming ``where``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # str | list[str] (one spec or candidates), X | None
+        if value is None and type(None) in args:
+            return None
+        kinds = [a for a in args if a is not type(None)]
+        lists = [a for a in kinds if typing.get_origin(a) is list]
+        scalars = [a for a in kinds if typing.get_origin(a) is not list]
+        return coerce(lists[0] if isinstance(value, list) or not scalars else scalars[0], value, where)
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        if not isinstance(value, bool):
+            raise EdgePruneError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise EdgePruneError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if not _is_number(value):
+            raise EdgePruneError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if origin is list:
+        if isinstance(value, str):  # a comma-separated CLI value
+            value = [_scalar(v.strip()) for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise EdgePruneError(f"{where} must be a list, got {value!r}")
+        return [coerce(args[0], v, where) for v in value] if args else list(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise EdgePruneError(f"{where} must be a table, got {value!r}")
+        return dict(value)
+    if _is_number(value):
+        return str(value)
+    if not isinstance(value, str):
+        raise EdgePruneError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+
+DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelLoad:
+    """Where and in which dtype models are loaded (`score`, `prune`, `eval`, `run`)."""
+
+    device: str = option("cpu", "torch device to load the model on: cpu | cuda | cuda:N | auto")
+    dtype: str = option("float32", "weights dtype: float32 | bfloat16 | float16")
+
+    def validate(self) -> None:
+        if not DEVICE.match(self.device):
+            raise EdgePruneError(f"unknown device '{self.device}'; choose cpu, cuda, cuda:N or auto")
+        if self.dtype not in DTYPES:
+            raise EdgePruneError(f"unknown dtype '{self.dtype}'; choose from {', '.join(DTYPES)}")
+
+    @property
+    def is_default(self) -> bool:
+        return (self.device, self.dtype) == ("cpu", "float32")
+
+
+AUTO = "auto"  # WikiText-2 valid from the data directory when it is there, else the built-in text
+
+
+def data_dir() -> Path:
+    """``$EDGEPRUNE_DATA``, else ``../shared/data`` (relative to the current directory)."""
+    return Path(os.environ.get("EDGEPRUNE_DATA", "../shared/data")).expanduser()
+
+
+def text_candidates(spec: str | list[str], split: str) -> list[str]:
+    """A text spec, or a list of them (the first that exists wins); ``auto`` expands to WikiText-2 (valid for
+    calibration, the raw test file for evaluation) under ``data_dir()``, then ``builtin``."""
+    specs = spec if isinstance(spec, list) else [spec]
+    out = []
+    for s in specs:
+        if s == AUTO:
+            wt = data_dir() / "wikitext-2"
+            out += [str(wt / "tokens" / "valid.txt") if split == "calib" else str(wt / "wiki.test.raw"), "builtin"]
+        else:
+            out.append(s)
+    return out
+
+
+@dataclass
+class DataSpec:
+    """Calibration and evaluation text: a spec (``auto``, ``builtin``, a file, a directory, ``wikitext2``/
+    ``ptb``/``c4``) or a list of them, the first that exists."""
+
+    calib: str | list[str] = option(AUTO, "calibration text: 'auto' (WikiText-2 valid under $EDGEPRUNE_DATA or "
+                                    "../shared/data, else builtin), 'builtin', a file/dir, or wikitext2|ptb|c4",
+                                    flag="--calib")
+    eval: str | list[str] = option("builtin", "evaluation text: 'builtin', a file/dir, 'auto', or "
+                                   "wikitext2|ptb|c4", flag="--data")
+
+
+@dataclass
+class PruneConfig:
+    """Everything `edgeprune prune` decides; the defaults are the best measured recipe (module docstring)."""
+
+    ratio: float = option(0.2, "fraction of decoder-layer parameters to remove, in [0, 1)")
+    scorer: str = option("piem", "magnitude | taylor | wanda-sp | fluctuation | random | piem")
+    allocator: str = option("lsps", "how much to remove per layer: uniform | lsps | global | owl | depth")
+    attn_unit: str = option("group", "attention unit: 'group' (KV head + its query heads) or 'head' (query "
+                            "heads, same count from every group)")
+    round_to: int = option(1, "round kept MLP widths to a multiple of this")
+    rounds: int = option(3, "prune in K steps, re-scoring and re-measuring sensitivity after each (1 = one-shot)")
+    n_samples: int = option(64, "calibration windows")
+    seq_len: int = option(128, "tokens per calibration window", flag="--calib-seq-len")
+    seed: int = option(0, "seed for calibration sampling and the random scorer")
+    scorer_options: dict = option({}, "extra scorer keyword arguments (Python API)", cli=False)
+    sensitivity: str = option("bi", "LSPS layer sensitivity: loss | bi | fisher")
+    probe_ratio: float = option(0.3, "share of a module's units the loss/fisher probe removes")
+    tau: float = option(1.0, "LSPS: how strongly ratios follow sensitivity (0 = uniform)")
+    min_module_ratio: float = option(0.0, "LSPS: lower bound of a module's ratio")
+    max_module_ratio: float = option(0.8, "LSPS: upper bound of a module's ratio")
+    bias_compensation: bool = option(False, "add removed units' mean output to the bias (FLAP)")
+    reconstruct: bool = option(True, "refit each pruned block's output projection by least squares on the "
+                               "calibration text (includes the bias)")
+    damp: float = option(1e-3, "refit: ridge damping relative to the mean diagonal of the Gram matrix")
+    sensitivity_samples: int = option(16, "calibration windows for the loss probe (a subset of the calibration "
+                                      "set)")
+    recover_steps: int = option(0, "recovery: distillation steps from the unpruned model on calibration text "
+                                "after pruning (0 = off)")
+    recover_lr: float = option(4e-4, "recovery: peak learning rate")
+    recover_batch: int = option(4, "recovery: windows per step")
+    recover_ce: float = option(0.0, "recovery: share of next-token cross-entropy in the loss (0 = pure "
+                               "distillation)")
+    piem_weights: list[float] = option([], "PIEM term weights 'alpha,beta,gamma' (weight, gradient, context); "
+                                       "empty: PIEM's defaults")
+
+    def scorer_kwargs(self) -> dict:
+        """``scorer_options`` plus the PIEM weights, if given."""
+        if not self.piem_weights:
+            return dict(self.scorer_options)
+        if self.scorer != "piem":
+            raise EdgePruneError("--piem-weights (prune.piem_weights) only applies to the piem scorer")
+        if len(self.piem_weights) != 3:
+            raise EdgePruneError("--piem-weights (prune.piem_weights) takes three numbers, e.g. 0.1,0.1,0.8")
+        return {**self.scorer_options, **dict(zip(("alpha", "beta", "gamma"), self.piem_weights, strict=True))}
+
+    def recovery(self):
+        from edgeprune.recover import RecoveryConfig
+
+        return RecoveryConfig(self.recover_steps, self.recover_lr, self.recover_batch, ce_weight=self.recover_ce,
+                              seed=self.seed + 1)
+
+    def validate(self) -> None:
+        """One-line errors for every bad option, before any model time is spent."""
+        from edgeprune.allocation import ALLOCATORS, check_ratio
+        from edgeprune.allocation.base import ATTN_UNITS
+        from edgeprune.scoring import make_scorer
+        from edgeprune.sensitivity import SENSITIVITIES
+
+        check_ratio(self.ratio)
+        make_scorer(self.scorer, seed=self.seed, **self.scorer_kwargs())  # unknown scorers and options fail here
+        for what, value, known in (("allocator", self.allocator, ALLOCATORS), ("attention unit", self.attn_unit,
+                                   ATTN_UNITS), ("sensitivity", self.sensitivity, SENSITIVITIES)):
+            if value not in known:
+                raise EdgePruneError(f"unknown {what} '{value}'; choose from {', '.join(known)}")
+        if self.rounds < 1 or self.round_to < 1 or self.n_samples < 1 or self.seq_len < 2:
+            raise EdgePruneError("rounds, round-to and the number of calibration samples must be at least 1, "
+                                 "the calibration sequence length at least 2")
+        if not 0 < self.probe_ratio < 1:
+            raise EdgePruneError("probe-ratio must be in (0, 1)")
+        if not 0 <= self.min_module_ratio <= self.max_module_ratio < 1:
+            raise EdgePruneError("need 0 <= min-module-ratio <= max-module-ratio < 1")
+        self.recovery().validate()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
