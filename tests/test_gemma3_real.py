@@ -47,14 +47,14 @@ def test_gemma3_270m_prunes_generates_and_reloads(tmp_path, data_dir):
     assert lm.adapter.family == "gemma3_text" and type(lm.model).__name__ == "Gemma3ForCausalLM"
     assert 265e6 < sum(p.numel() for p in lm.model.parameters()) < 270e6
     test = load_text(str(data_dir / "wikitext-2" / "wiki.test.raw"))
-    dense = perplexity(lm.model, lm.tokenizer, test, 128, max_tokens=2048, progress=False)["ppl"]
+    dense = perplexity(lm.model, lm.tokenizer, test, 128, max_tokens=1024, progress=False)["ppl"]
     assert 5 < dense < 200  # finite and in the range of a small trained LM on WikiText-2
     calib = load_text(str(data_dir / "wikitext-2" / "tokens" / "valid.txt"))
     cfg = PruneConfig(0.2, "piem", "lsps", sensitivity="bi", rounds=2, reconstruct=True, n_samples=4,
                       seq_len=128)
     rec = prune_model(lm, cfg, calib, progress=False)
     assert abs(rec["decoder_reduction"] - 0.2) < 0.02
-    pruned = perplexity(lm.model, lm.tokenizer, test, 128, max_tokens=2048, progress=False)["ppl"]
+    pruned = perplexity(lm.model, lm.tokenizer, test, 128, max_tokens=1024, progress=False)["ppl"]
     assert dense < pruned < 20 * dense
     ids = lm.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_gemma3_270m_prunes_generates_and_reloads(tmp_path, data_dir):
         assert torch.allclose(again.model(ids).logits, lm.model(ids).logits, atol=1e-4)
     layout = json.loads((tmp_path / "ck" / "manifest.json").read_text())["layout"]
     assert layout in ("uniform", "per-layer")
-    print(f"gemma3-270m PPL@128 on 2048 WikiText-2 test tokens: dense {dense:.2f}, pruned 20% {pruned:.2f}",
+    print(f"gemma3-270m PPL@128 on 1024 WikiText-2 test tokens: dense {dense:.2f}, pruned 20% {pruned:.2f}",
           file=sys.stderr)
 
 
