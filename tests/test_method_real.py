@@ -7,7 +7,9 @@ WikiText-2 *valid*, PPL on the first 4,096 tokens of WikiText-2 *test* (held out
 - bias compensation restores the removed units' mean contribution on the calibration text.
 
 The margins asserted are inside what was measured at these settings (torch 2.13 CPU, seed 0): PIEM 110.7 vs
-magnitude 2.6e5 and random 6,882; LSPS 100.6 vs uniform 110.7 (9% lower; the test asks for 5%)."""
+magnitude 2.6e5 and random 6,882; LSPS 100.6 vs uniform 110.7 (9% lower; the test asks for 5%); two rounds
+change the kept units of all 30 layers (the test asks for 5); the mean's relative error is ~1e-7 with
+compensation and 3e-2 to 7e-1 without (the test asks for < 1e-3 and a factor of 20)."""
 
 import copy
 
