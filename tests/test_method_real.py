@@ -6,7 +6,10 @@ WikiText-2 *valid*, PPL on the first 4,096 tokens of WikiText-2 *test* (held out
 - two rounds give a different plan from one shot, and both meet the budget;
 - bias compensation restores the removed units' mean contribution on the calibration text.
 
-The margins asserted are well inside what was measured at these settings (see each test)."""
+The margins asserted are inside what was measured at these settings (torch 2.13 CPU, seed 0): PIEM 110.7 vs
+magnitude 2.6e5 and random 6,882; LSPS 100.6 vs uniform 110.7 (9% lower; the test asks for 5%); two rounds
+change the kept units of all 30 layers (the test asks for 5); the mean's relative error is ~1e-7 with
+compensation and 3e-2 to 7e-1 without (the test asks for < 1e-3 and a factor of 20)."""
 
 import copy
 
@@ -43,14 +46,19 @@ def piem_scores(default_lm, batches):
     return score_model(default_lm.adapter, make_scorer("piem"), batches, progress=False, block_stats=True)
 
 
+@pytest.fixture(scope="module")
+def piem_uniform_ppl(default_lm, texts, piem_scores):
+    return _pruned_ppl(default_lm, texts[1], piem_scores, "uniform")
+
+
 def _pruned_ppl(default_lm, test, scores, alloc: str, **kw) -> float:
     lm = copy.deepcopy(default_lm)
     apply_plan(lm.adapter, build_plan(lm.adapter, scores, allocate(alloc, lm.adapter, 0.2, **kw)))
     return perplexity(lm.model, lm.tokenizer, test, 128, max_tokens=TOKENS, progress=False)["ppl"]
 
 
-def test_piem_beats_magnitude_and_random(default_lm, texts, batches, piem_scores):
-    ppl = {"piem": _pruned_ppl(default_lm, texts[1], piem_scores, "uniform")}
+def test_piem_beats_magnitude_and_random(default_lm, texts, batches, piem_uniform_ppl):
+    ppl = {"piem": piem_uniform_ppl}
     for name in ("magnitude", "random"):
         scores = score_model(default_lm.adapter, make_scorer(name), batches, progress=False)
         ppl[name] = _pruned_ppl(default_lm, texts[1], scores, "uniform")
@@ -58,9 +66,9 @@ def test_piem_beats_magnitude_and_random(default_lm, texts, batches, piem_scores
     assert ppl["piem"] < 0.5 * min(ppl["magnitude"], ppl["random"]), ppl
 
 
-def test_lsps_beats_uniform_with_piem_scores(default_lm, texts, batches, piem_scores):
+def test_lsps_beats_uniform_with_piem_scores(default_lm, texts, batches, piem_scores, piem_uniform_ppl):
     sens = measure("bi", default_lm.adapter, piem_scores, batches, progress=False)
-    uniform = _pruned_ppl(default_lm, texts[1], piem_scores, "uniform")
+    uniform = piem_uniform_ppl
     lsps = _pruned_ppl(default_lm, texts[1], piem_scores, "lsps", sensitivities=sens)
     print(f"PIEM at 20%: uniform {uniform:.1f}, LSPS {lsps:.1f}")
     assert lsps < 0.95 * uniform, (uniform, lsps)

@@ -261,7 +261,8 @@ def test_parse_override_values():
     (["export.artifacts=tflite:int8"], "not FORMAT:DTYPE"),
     (["prune.ratio=1.5"], "--ratio must be in [0, 1)"),
     (["prune.allocator=magic"], "unknown allocator"),
-    (["data.calib=/no/such/file.txt"], "none of the calib texts exist"),
+    (["data.calib=/no/such/file.txt"], "text not found: /no/such/file.txt"),
+    (["data.calib=[\"/no/such/file.txt\", \"/no/such/other.txt\"]"], "none of the calib texts exist"),
     (["evaluate.tasks=piqa", "evaluate.tasks_dir=/no/such/dir"], "piqa data file not found"),
     (["run.model=/no/such/model"], "model not found"),
 ])
