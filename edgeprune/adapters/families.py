@@ -140,6 +140,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
          causal_lm_class="Phi3ForCausalLM", tensors={**_LLAMA_TENSORS, **_FUSED_QKV, **_FUSED_GATE_UP},
          fused={_FUSED_QKV["q"]: ("q", "k", "v"), _FUSED_GATE_UP["gate"]: ("gate", "up")},
          partial_rotary=True, sliding_window="all", attention_reads_config_heads=True, gguf_arch="phi3",
+         gguf_per_layer_arch="deci",  # llama.cpp's deci rotates all of head_dim: Phi-3/3.5-mini, not Phi-4-mini
          notes="Phi-3/3.5/4-mini: fused qkv_proj (q rows, then k, then v) and gate_up_proj (gate rows, then up); "
                "Phi-4-mini rotates 3/4 of head_dim"),
     _fam(name="glm", model_types=("glm",), hf_module="glm", config_class="GlmConfig",
