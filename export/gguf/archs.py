@@ -35,12 +35,12 @@ ARCHS = {a.name: a for a in (
     # the layer, dropping its attention output, which is why the layout gives such layers a placeholder FFN
     Arch("deci", rope_neox=False, per_layer=True, removed_blocks=True, qkv_bias=True,
          out_biases=frozenset({"o", "down"})),
-    Arch("qwen2", rope_neox=True, qkv_bias=True),
+    Arch("qwen2", rope_neox=True, qkv_bias=True, hidden_wide_attention=True),
     Arch("qwen3", rope_neox=True, out_biases=frozenset({"o"})),
     Arch("gemma3", rope_neox=True, activation="gelu_pytorch_tanh", embed_scale="sqrt_hidden", sliding_window=True),
     Arch("phi3", rope_neox=True, full_rotary=False, fused_gate_up=True, out_biases=frozenset({"o"}),
          hidden_wide_attention=True, ignores_sliding_window=True),
-    Arch("chatglm", rope_neox=False, full_rotary=False, fused_gate_up=True, qkv_bias=True),
+    Arch("chatglm", rope_neox=False, full_rotary=False, fused_gate_up=True, qkv_bias=True, hidden_wide_attention=True),
     Arch("glm4", rope_neox=False, full_rotary=False, fused_gate_up=True, qkv_bias=True),
 )}
 
