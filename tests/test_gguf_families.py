@@ -5,12 +5,12 @@ the family that way (Llama 3, Phi-3 with full rotary) and are refused in one lin
 """
 
 import pytest
+from edgeprune.export.gguf import check_gguf, export_gguf
+from edgeprune.export.gguf.reader import metadata
 
 from edgeprune.adapters.families import FAMILIES, family_for
 from edgeprune.checkpoint import save_checkpoint
 from edgeprune.errors import EdgePruneError
-from edgeprune.export.gguf import check_gguf, export_gguf
-from edgeprune.export.gguf.reader import metadata
 from edgeprune.models.tiny import build_tiny
 from edgeprune.plan import LayerPlan, PruningPlan
 from edgeprune.surgery import apply_plan
