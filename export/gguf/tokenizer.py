@@ -4,8 +4,9 @@ Byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen, Phi-4, GLM-4) ar
 ``gpt2`` model with the pre-tokenizer name llama.cpp uses for their split regex. llama.cpp's
 convert_hf_to_gguf.py finds that name by hashing the tokenization of a probe text; here it comes from (1) the
 caller, (2) the GGUF the checkpoint was made from (through the manifests' ``source`` links) when its vocabulary
-is the same, or (3) the structure of tokenizer.json's pre_tokenizer. SentencePiece-style tokenizers (byte
-fallback, as Gemma's) are refused with one line. It does not write anything (``writer.py`` does).
+is the same, or (3) the structure of tokenizer.json's pre_tokenizer. Other tokenizers (SentencePiece-style with
+byte fallback, as Gemma's) are copied whole from that source GGUF when its vocabulary is the checkpoint's, and
+refused with one line otherwise. The result is the ``tokenizer.*`` keys to write; nothing is written here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 from edgeprune.export.gguf.reader import metadata
 from edgeprune.export.gguf.source import read_json
 
@@ -36,8 +38,8 @@ def read_tokenizer(ckpt: Path, cfg: dict, n_vocab: int, pre_override: str | None
     tcfg = read_json(ckpt / "tokenizer_config.json", "tokenizer config") \
         if (ckpt / "tokenizer_config.json").is_file() else {}
     model = tj.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise EdgePruneError("only byte-level BPE tokenizers (GPT-2 style) can be written to GGUF by edgeprune")
+    if not isinstance(model.get("vocab"), dict):
+        raise EdgePruneError(f"tokenizer model {model.get('type')!r} has no token -> id vocabulary")
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     added = {t["content"]: t for t in tj.get("added_tokens", [])}
     for content, t in added.items():
@@ -57,6 +59,12 @@ def read_tokenizer(ckpt: Path, cfg: dict, n_vocab: int, pre_override: str | None
         else:
             tokens.append(s)
             types.append(1)  # NORMAL
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        copied = _copy_source_tokenizer(ckpt, tokens)
+        if copied is None:
+            raise EdgePruneError("only byte-level BPE tokenizers (GPT-2 style) can be written to GGUF by edgeprune, "
+                                 "or a tokenizer the checkpoint's source GGUF holds with the same vocabulary")
+        return copied
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     if not merges:
         # llama.cpp requires the key and gguf-py refuses empty arrays: a merge of two multi-character
@@ -84,9 +92,16 @@ def read_tokenizer(ckpt: Path, cfg: dict, n_vocab: int, pre_override: str | None
     template = tcfg.get("chat_template")
     if template is None and (ckpt / "chat_template.jinja").is_file():
         template = (ckpt / "chat_template.jinja").read_text()
-    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre, "pre_source": pre_source,
-            "special": specials, "add_bos": bool(add_bos), "add_eos": bool(tcfg.get("add_eos_token", False)),
-            "chat_template": template if isinstance(template, str) else None}
+    K = gguf.Keys.Tokenizer
+    kv = {K.MODEL: "gpt2", K.PRE: pre, K.LIST: tokens, K.TOKEN_TYPE: types, K.MERGES: merges,
+          K.ADD_BOS: bool(add_bos), K.ADD_EOS: bool(tcfg.get("add_eos_token", False))}
+    for key, name in ((K.BOS_ID, "bos"), (K.EOS_ID, "eos"), (K.UNK_ID, "unk"), (K.PAD_ID, "pad")):
+        if specials[name] is not None:
+            kv[key] = specials[name]
+    if isinstance(template, str):
+        kv[K.CHAT_TEMPLATE] = template
+    return {"kv": kv, "model": "gpt2", "pre": pre, "pre_source": pre_source, "add_bos": bool(add_bos),
+            "n_tokens": len(tokens), "n_merges": len(merges)}
 
 
 def _pre_tokenizer(ckpt: Path, tj: dict, tokens: list[str], has_merges: bool,
@@ -117,7 +132,9 @@ def _pre_tokenizer(ckpt: Path, tj: dict, tokens: list[str], has_merges: bool,
                          "pass pre_tokenizer=<llama.cpp name> to export_gguf")
 
 
-def _pre_from_source_gguf(ckpt: Path, tokens: list[str]) -> tuple[str, str] | None:
+def _source_gguf(ckpt: Path) -> Path | None:
+    """The GGUF file the checkpoint was made from, following the manifests' ``source`` links (pruned checkpoint
+    -> model cache -> .gguf)."""
     seen: set[str] = set()
     path = ckpt
     for _ in range(4):
@@ -133,14 +150,43 @@ def _pre_from_source_gguf(ckpt: Path, tokens: list[str]) -> tuple[str, str] | No
         seen.add(src)
         p = Path(src)
         if p.is_file() and p.suffix == ".gguf":
-            try:
-                meta = metadata(p, ("tokenizer.ggml.pre", "tokenizer.ggml.tokens"), full_arrays=True)
-            except EdgePruneError:
-                return None
-            if meta.get("tokenizer.ggml.tokens") != tokens or not meta.get("tokenizer.ggml.pre"):
-                return None
-            return str(meta["tokenizer.ggml.pre"]), f"source GGUF {p.name}"
+            return p
         if not p.is_dir():
             return None
         path = p
     return None
+
+
+def _source_tokenizer_meta(ckpt: Path, tokens: list[str]) -> tuple[dict, Path] | None:
+    """The source GGUF's tokenizer keys when its token list is the checkpoint's, id for id."""
+    p = _source_gguf(ckpt)
+    if p is None:
+        return None
+    try:
+        meta = metadata(p, full_arrays=True)
+    except EdgePruneError:
+        return None
+    theirs = meta.get(gguf.Keys.Tokenizer.LIST)
+    if not isinstance(theirs, list) or len(theirs) != len(tokens) or any(
+            a != b and a.replace("\u2581", " ") != b.replace("\u2581", " ") for a, b in zip(theirs, tokens, strict=True)):
+        return None  # "\u2581" is SentencePiece's space: transformers writes it where a GGUF may hold " "
+    return {k: v for k, v in meta.items() if k.startswith("tokenizer.")}, p
+
+
+def _pre_from_source_gguf(ckpt: Path, tokens: list[str]) -> tuple[str, str] | None:
+    found = _source_tokenizer_meta(ckpt, tokens)
+    if found is None or not found[0].get(gguf.Keys.Tokenizer.PRE):
+        return None
+    return str(found[0][gguf.Keys.Tokenizer.PRE]), f"source GGUF {found[1].name}"
+
+
+def _copy_source_tokenizer(ckpt: Path, tokens: list[str]) -> dict | None:
+    """Every ``tokenizer.*`` key of the source GGUF (SentencePiece-style vocabularies with scores, as Gemma's,
+    which tokenizer.json cannot be turned back into exactly)."""
+    found = _source_tokenizer_meta(ckpt, tokens)
+    if found is None:
+        return None
+    kv, p = found
+    K = gguf.Keys.Tokenizer
+    return {"kv": kv, "model": str(kv.get(K.MODEL)), "pre": kv.get(K.PRE), "pre_source": f"source GGUF {p.name}",
+            "add_bos": bool(kv.get(K.ADD_BOS, False)), "n_tokens": len(tokens), "n_merges": len(kv.get(K.MERGES, []))}

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 from edgeprune.export.gguf.layout import Layout, OutTensor, plan
 from edgeprune.export.gguf.reader import FILE_TYPE, tensor_types
@@ -72,8 +73,6 @@ def _add_value(w, key: str, value) -> None:
 
 
 def _write(path: Path, layout: Layout, tok: dict, dtype: str, name: str) -> dict:
-    import gguf
-
     w = gguf.GGUFWriter(str(path), layout.arch)
     w.add_name(name)
     w.add_file_type(FILE_TYPE[dtype])
@@ -82,19 +81,8 @@ def _write(path: Path, layout: Layout, tok: dict, dtype: str, name: str) -> dict
     for key, value in layout.kv.items():
         _add_value(w, key, value)
     w.add_array("edgeprune.source_layers", [x.src for x in layout.layers])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(tok["pre"])
-    w.add_token_list(tok["tokens"])
-    w.add_token_types(tok["types"])
-    w.add_token_merges(tok["merges"])
-    for key, fn in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
-                    ("pad", w.add_pad_token_id)):
-        if tok["special"][key] is not None:
-            fn(tok["special"][key])
-    w.add_add_bos_token(tok["add_bos"])
-    w.add_add_eos_token(tok["add_eos"])
-    if tok["chat_template"]:
-        w.add_chat_template(tok["chat_template"])
+    for key, value in tok["kv"].items():
+        _add_value(w, key, value)
     types: dict[str, int] = {}
     for out in layout.tensors:
         nbytes, qtype = _nbytes(out, dtype)
@@ -151,7 +139,7 @@ def export_gguf(checkpoint_dir, out_path, dtype: str = "f16", *, pre_tokenizer: 
     layout = plan(ckpt, cfg, fam, Tensors(ckpt))
     tok = read_tokenizer(ckpt, cfg, layout.n_vocab, pre_tokenizer)
     name = _model_name(Path(str(cfg.get("_name_or_path") or cfg.get("_model_name_or_path") or ckpt.name)).name,
-                       tok["tokens"])
+                       tok["kv"][gguf.Keys.Tokenizer.LIST])
     temps: list[str] = []
 
     def temp(suffix: str) -> Path:
@@ -195,7 +183,6 @@ def _info(layout: Layout, tok: dict, out: Path, dtype: str, size: int, digest: s
         "placeholder_ffn_layers": [x.src for x in layers if not x.hf_ffn and x.src >= 0],
         "zero_layer_in_front": layout.zero_layer, "folded_biases": layout.folded, "tied_embeddings": layout.tied,
         "rope": {"type": layout.rope["rope_type"], "theta": layout.rope["rope_theta"]}, "notes": layout.notes,
-        "tokenizer": {"model": "gpt2", "pre": tok["pre"], "pre_source": tok["pre_source"], "add_bos": tok["add_bos"],
-                      "n_tokens": len(tok["tokens"]), "n_merges": len(tok["merges"])},
+        "tokenizer": {k: tok[k] for k in ("model", "pre", "pre_source", "add_bos", "n_tokens", "n_merges")},
         "tensor_types": types, "seconds": seconds,
     }
