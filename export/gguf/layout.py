@@ -129,11 +129,9 @@ class _Source:
         name, rows = self.name(role, i, kind, dims)
         if rows is None:
             self.need(name, shape)
-        else:
-            members = self.fam.fused_members(role)
-            total = sum((self.name(m, i, kind, dims)[1].stop - self.name(m, i, kind, dims)[1].start)
-                        for m in members)
-            self.need(name, (total, *shape[1:]))
+        else:  # the fused tensor holds its members' rows one after the other
+            last = self.name(self.fam.fused_members(role)[-1], i, kind, dims)[1]
+            self.need(name, (last.stop, *shape[1:]))
 
         def load():
             arr = self.st.get(name)
@@ -144,6 +142,12 @@ class _Source:
     def get(self, name: str, shape: tuple[int, ...]):
         self.need(name, shape)
         return lambda: self.st.get(name)
+
+
+def removed_block_bias(fam: Family, role: str, i: int) -> str:
+    """The constant output of a removed attention ("o") or MLP ("down") block: the stub module's bias, which
+    sits where the block's module was (``models/remote_code.py``: PrunedAttention / PrunedMLP)."""
+    return fam.module_path(role, i).rpartition(".")[0] + ".bias"
 
 
 def _dims(cfg: dict) -> tuple[int, int, list[int], list[int], list[int]]:
@@ -174,12 +178,7 @@ def _facts(cfg, fam: Family, src: _Source, hidden, head_dim, n_rot, heads, kvs, 
     kept = [i for i in range(len(heads)) if heads[i]]
     mlps = [i for i in range(len(ffs)) if ffs[i]]
     outs = {r for r, blocks in (("o", kept), ("down", mlps)) for i in blocks if src.has(r, i, "bias")}
-    attn_mod = {i: src.fam.module_path("o", i).rpartition(".")[0] for i in range(len(heads))}
-    mlp_mod = {i: src.fam.module_path("down", i).rpartition(".")[0] for i in range(len(ffs))}
-    if any(f"{attn_mod[i]}.bias" in src.names for i in range(len(heads))):
-        outs.add("o")
-    if any(f"{mlp_mod[i]}.bias" in src.names for i in range(len(ffs))):
-        outs.add("down")
+    outs |= {r for r in ("o", "down") for i in range(len(heads)) if removed_block_bias(fam, r, i) in src.names}
     norms = {gguf.TENSOR_NAMES[ROLE_TENSOR[r]] for r in NORM_ROLES if fam.has_role(r)}
     return Facts(
         uniform=len(set(zip(heads, kvs, ffs, strict=True))) == 1 and heads[0] > 0 and ffs[0] > 0,
@@ -212,7 +211,7 @@ def _keep_layers(src: _Source, arch: Arch, heads, kvs, ffs, layout: Layout) -> d
     const = {}
     for i in range(n_layer):
         for role, width in (("o", heads[i]), ("down", ffs[i])):
-            name = src.fam.module_path(role, i).rpartition(".")[0] + ".bias"  # a removed block's constant
+            name = removed_block_bias(src.fam, role, i)
             if not width and name in src.names:
                 const[(i, role)] = name
     kept = [i for i in range(n_layer) if heads[i] or ffs[i]]
@@ -251,7 +250,7 @@ def _keep_layers(src: _Source, arch: Arch, heads, kvs, ffs, layout: Layout) -> d
 def plan(ckpt: Path, cfg: dict, fam: Family, st: Tensors) -> Layout:
     """Decide architecture, per-layer shapes, hyper-parameters and tensors (lazy); validate every tensor's shape."""
     hidden, n_layer, heads, kvs, ffs = _dims(cfg)
-    head_dim = int(cfg.get("head_dim") or hidden // max(heads[0], int(cfg.get("num_attention_heads", 1))))
+    head_dim = int(cfg.get("head_dim") or hidden // int(cfg["num_attention_heads"]))
     rope = rope_parameters(cfg)
     n_rot = _n_rot(cfg, fam, head_dim, rope)
     src = _Source(st, fam, hidden, head_dim)
@@ -273,7 +272,7 @@ def plan(ckpt: Path, cfg: dict, fam: Family, st: Tensors) -> Layout:
             raise EdgePruneError(f"llama3 RoPE scaling cannot be written for llama.cpp's {arch.name}")
         factors = llama3_rope_factors(rope, n_rot, cfg)
         add(OutTensor(gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight", factors.shape, lambda: factors, False))
-    q_scale = _query_scale(cfg, fam, arch, hidden, head_dim)
+    q_scale = _query_scale(cfg, fam, arch, hidden, head_dim, L.layers[0].heads)
     for j, layer in enumerate(L.layers):
         _layer_tensors(src, fam, arch, L, j, layer, out_bias, q_scale)
     for i in range(n_layer):  # norms of removed blocks are unused by HF as well
@@ -295,14 +294,13 @@ def _norm(src: _Source, fam: Family, role: str, i: int | None, shape, scale: flo
     return src.role(role, i, shape, transform=lambda w: (w + fam.norm_offset) * scale)
 
 
-def _query_scale(cfg: dict, fam: Family, arch: Arch, hidden: int, head_dim: int) -> float:
+def _query_scale(cfg: dict, fam: Family, arch: Arch, hidden: int, head_dim: int, n_head0: int) -> float:
     """Factor folded into the q norm so that llama.cpp's fixed query scale gives the model's (Gemma 3)."""
     qpas = cfg.get("query_pre_attn_scalar")
     if qpas is None or not fam.has_role("q_norm"):
         return 1.0
-    # llama.cpp's gemma3 scales by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for its 62-layer (27B) model
-    n_head = int(cfg["num_attention_heads"])
-    base = hidden / n_head if arch.name == "gemma3" and int(cfg["num_hidden_layers"]) == 62 else head_dim
+    # llama.cpp's gemma3 scales by 1/sqrt(head_dim), or by 1/sqrt(hidden / layer 0's heads) for 62 layers (27B)
+    base = hidden / n_head0 if arch.name == "gemma3" and int(cfg["num_hidden_layers"]) == 62 else head_dim
     return float(np.sqrt(base / float(qpas)))
 
 
