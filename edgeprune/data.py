@@ -117,8 +117,19 @@ def tokenize(tokenizer, text: Text | str):
     return torch.tensor(ids, dtype=torch.long)
 
 
+def bos_prefix(tokenizer) -> int | None:
+    """The BOS token id when the tokenizer adds one by default (Gemma: the model expects it at position 0 and is
+    far worse without it), else None (SmolLM2's GGUF says not to add one)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", return_attention_mask=False)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 def calibration_batches(tokenizer, text: Text, n_samples: int = 64, seq_len: int = 128, seed: int = 0):
-    """``n_samples`` windows of ``seq_len`` tokens at seeded random offsets: a (n_samples, seq_len) tensor."""
+    """``n_samples`` windows of ``seq_len`` tokens at seeded random offsets: a (n_samples, seq_len) tensor. When
+    the tokenizer adds a BOS token by default, each window is BOS followed by ``seq_len - 1`` text tokens."""
     import torch
 
     if n_samples < 1 or seq_len < 2:
@@ -130,4 +141,9 @@ def calibration_batches(tokenizer, text: Text, n_samples: int = 64, seq_len: int
         )
     rng = random.Random(seed)
     starts = [rng.randrange(0, ids.numel() - seq_len) for _ in range(n_samples)]
-    return torch.stack([ids[s : s + seq_len] for s in starts])
+    windows = torch.stack([ids[s : s + seq_len] for s in starts])
+    bos = bos_prefix(tokenizer)
+    if bos is not None:
+        windows[:, 1:] = windows[:, :-1].clone()
+        windows[:, 0] = bos
+    return windows

@@ -50,7 +50,7 @@ def test_gemma3_270m_prunes_generates_and_reloads(tmp_path, data_dir):
     dense = perplexity(lm.model, lm.tokenizer, test, 128, max_tokens=2048, progress=False)["ppl"]
     assert 5 < dense < 200  # finite and in the range of a small trained LM on WikiText-2
     calib = load_text(str(data_dir / "wikitext-2" / "tokens" / "valid.txt"))
-    cfg = PruneConfig(0.2, "piem", "lsps", sensitivity="bi", rounds=2, reconstruct=True, n_samples=8,
+    cfg = PruneConfig(0.2, "piem", "lsps", sensitivity="bi", rounds=2, reconstruct=True, n_samples=4,
                       seq_len=128)
     rec = prune_model(lm, cfg, calib, progress=False)
     assert abs(rec["decoder_reduction"] - 0.2) < 0.02
@@ -68,3 +68,35 @@ def test_gemma3_270m_prunes_generates_and_reloads(tmp_path, data_dir):
     assert layout in ("uniform", "per-layer")
     print(f"gemma3-270m PPL@128 on 2048 WikiText-2 test tokens: dense {dense:.2f}, pruned 20% {pruned:.2f}",
           file=sys.stderr)
+
+
+def _bos_tokenizer():
+    from tokenizers import processors
+
+    from edgeprune.models.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+    assert tok.convert_tokens_to_ids("<s>") == 256 == tok.bos_token_id
+    return tok
+
+
+def test_bos_prefix_in_windows_when_the_tokenizer_adds_one():
+    """Gemma needs BOS at position 0: calibration windows start with it and PPL windows are scored after it,
+    predicting the same text tokens as without it; a tokenizer that adds no BOS (SmolLM2's) changes nothing."""
+    from edgeprune.data import Text, bos_prefix, calibration_batches
+    from edgeprune.evaluate.ppl import perplexity
+    from edgeprune.models.tiny import build_tiny, byte_tokenizer
+
+    tok = _bos_tokenizer()
+    assert bos_prefix(tok) == 256 and bos_prefix(byte_tokenizer()) is None
+    text = Text("The quick brown fox jumps over the lazy dog. " * 20, "fox")
+    windows = calibration_batches(tok, text, 3, 16)
+    assert (windows[:, 0] == 256).all() and (windows[:, 1:] != 256).all()
+    lm = build_tiny("gemma3_text")
+    got = perplexity(lm.model, tok, text, seq_len=16, progress=False)
+    ids = torch.tensor(tok(text.text, add_special_tokens=False)["input_ids"][: got["windows"] * 16]).view(-1, 16)
+    with torch.no_grad():
+        out = lm.model(torch.cat([torch.full((ids.shape[0], 1), 256), ids], 1)).logits[:, 1:-1]
+    nll = torch.nn.functional.cross_entropy(out.reshape(-1, out.size(-1)), ids[:, 1:].reshape(-1))
+    assert got["ppl"] == pytest.approx(float(nll.exp()), rel=1e-4)

@@ -1,13 +1,14 @@
 """Perplexity with the standard protocol: the whole text tokenized once, cut into non-overlapping windows of
 ``seq_len`` tokens (the last partial window dropped), every window scored independently, PPL = exp(mean NLL)
-over all predicted tokens."""
+over all predicted tokens. When the tokenizer adds a BOS token by default (Gemma), every window is scored after a
+BOS prefix that is not itself predicted, so the same text tokens are predicted as for models without one."""
 
 from __future__ import annotations
 
 import math
 import time
 
-from edgeprune.data import Text, tokenize
+from edgeprune.data import Text, bos_prefix, tokenize
 from edgeprune.errors import EdgePruneError
 
 
@@ -28,6 +29,11 @@ def perplexity(model, tokenizer, text: Text, seq_len: int = 128, max_tokens: int
             f"evaluation text '{text.name}' has {ids.numel()} tokens, fewer than one window of --seq-len {seq_len}"
         )
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
+    bos = bos_prefix(tokenizer)
+    skip = 0
+    if bos is not None:
+        windows = torch.cat([torch.full((n_windows, 1), bos, dtype=windows.dtype), windows], 1)
+        skip = 1  # the prediction made at BOS (of the window's first token) is not scored
     nll_sum, count = 0.0, 0
     start = time.perf_counter()
     model.eval()
@@ -35,12 +41,13 @@ def perplexity(model, tokenizer, text: Text, seq_len: int = 128, max_tokens: int
                                       disable=not progress, leave=False) as bar:
         for b in range(0, n_windows, batch_size):
             batch = windows[b : b + batch_size]
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            logits = model(input_ids=batch, use_cache=False).logits[:, skip:-1].float()
+            target = batch[:, 1 + skip :]
             nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
+                logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"
             )
             nll_sum += nll.item()
-            count += batch[:, 1:].numel()
+            count += target.numel()
             bar.update(batch.size(0))
     mean_nll = nll_sum / count
     return {
