@@ -169,3 +169,27 @@ def test_real_gemma3_270m_f16(tmp_path):
     assert info["tokenizer"]["pre_source"].startswith("source GGUF")
     report = check_gguf(tmp_path / "m.gguf", lm.source, n_tokens=12, lm=lm)
     assert report["passed"] and report["greedy_match"] and report["tokenizer_match"], report
+
+
+def test_perplexity_with_a_bos_adding_tokenizer_matches_pytorch(tmp_path):
+    """Windows start with an unscored BOS in both runtimes when the tokenizer adds one (as Gemma's does)."""
+    from tokenizers.processors import TemplateProcessing
+
+    from edgeprune.data import Text
+    from edgeprune.evaluate.ppl import perplexity
+    from edgeprune.export.gguf import gguf_perplexity
+    from edgeprune.models import load
+
+    lm = build_tiny("qwen3")
+    tok = lm.tokenizer
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+    ckpt = save_checkpoint(lm, tmp_path / "ck", {})
+    info = export_gguf(ckpt, tmp_path / "m.gguf", "f32")
+    assert info["tokenizer"]["add_bos"]
+    lm = load(str(ckpt))
+    assert lm.tokenizer("a")["input_ids"][0] == 256
+    text = Text("The quick brown fox jumps over the lazy dog. " * 4, "fox")
+    ref = perplexity(lm.model, lm.tokenizer, text, seq_len=32, progress=False)
+    got = gguf_perplexity(tmp_path / "m.gguf", text, seq_len=32)
+    assert got["windows"] == ref["windows"] == 5
+    assert got["ppl"] == pytest.approx(ref["ppl"], rel=1e-4)

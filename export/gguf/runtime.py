@@ -18,9 +18,10 @@ import math
 import time
 from pathlib import Path
 
+import gguf
 import numpy as np
 from edgeprune.devices.llama_generate import _no_extra_buffer_types
-from edgeprune.export.gguf.reader import gguf_dtype
+from edgeprune.export.gguf.reader import gguf_dtype, metadata
 
 from edgeprune.errors import EdgePruneError, first_line
 
@@ -63,16 +64,27 @@ def window_nll(window_logits: np.ndarray, targets) -> float:
     return float((logz - x[np.arange(len(target)), target]).sum())
 
 
+def _bos_prefix(gguf_path) -> int | None:
+    """The BOS id when the file says to add one (Gemma), else None: windows then start with it, unscored, as in
+    ``edgeprune.evaluate.ppl``."""
+    meta = metadata(gguf_path, (gguf.Keys.Tokenizer.ADD_BOS, gguf.Keys.Tokenizer.BOS_ID))
+    bos = meta.get(gguf.Keys.Tokenizer.BOS_ID)
+    return int(bos) if meta.get(gguf.Keys.Tokenizer.ADD_BOS) and bos is not None else None
+
+
 def gguf_perplexity(gguf_path, text, seq_len: int = 128, max_tokens: int | None = None, *,
                     token_ids: list[int] | None = None, n_threads: int | None = None) -> dict:
     """Perplexity in llama.cpp with edgeprune's protocol (``edgeprune.evaluate.ppl``): the text tokenized once
     (llama.cpp's tokenizer, no BOS; or the given ``token_ids``), cut into non-overlapping ``seq_len`` windows,
-    each scored independently, PPL = exp(mean NLL over all predicted tokens)."""
+    each scored independently (after an unscored BOS when the file adds one), PPL = exp(mean NLL over all predicted
+    tokens)."""
     if seq_len < 2:
         raise EdgePruneError("seq_len must be at least 2")
     raw = getattr(text, "text", text)
     name = getattr(text, "name", "text")
-    llm = llama_context(gguf_path, seq_len, n_threads=n_threads)
+    bos = _bos_prefix(gguf_path)
+    prefix = [] if bos is None else [bos]
+    llm = llama_context(gguf_path, seq_len + len(prefix), n_threads=n_threads)
     try:
         ids = list(token_ids) if token_ids is not None else llm.tokenize(raw.encode("utf-8"), add_bos=False,
                                                                          special=False)
@@ -86,7 +98,7 @@ def gguf_perplexity(gguf_path, text, seq_len: int = 128, max_tokens: int | None 
         start = time.perf_counter()
         for w in range(n_windows):
             win = ids[w * seq_len: (w + 1) * seq_len]
-            nll += window_nll(logits(llm, win)[:-1], win[1:])
+            nll += window_nll(logits(llm, prefix + win)[len(prefix):-1], win[1:])
         seconds = time.perf_counter() - start
     finally:
         llm.close()
