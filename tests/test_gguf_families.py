@@ -173,11 +173,11 @@ def test_real_gemma3_270m_f16(tmp_path):
 
 def test_perplexity_with_a_bos_adding_tokenizer_matches_pytorch(tmp_path):
     """Windows start with an unscored BOS in both runtimes when the tokenizer adds one (as Gemma's does)."""
+    from edgeprune.export.gguf import gguf_perplexity
     from tokenizers.processors import TemplateProcessing
 
     from edgeprune.data import Text
     from edgeprune.evaluate.ppl import perplexity
-    from edgeprune.export.gguf import gguf_perplexity
     from edgeprune.models import load
 
     lm = build_tiny("qwen3")
