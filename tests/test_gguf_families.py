@@ -112,14 +112,16 @@ def test_qwen2_with_heads_removed_goes_to_deci(tmp_path):
     assert_parity(check_gguf(tmp_path / "m.gguf", ckpt, PROMPTS, n_tokens=6), 1e-3)
 
 
-def test_gemma3_bias_compensation_is_refused(tmp_path):
-    """Gemma 3 normalises a block's output before the residual add, so an output bias cannot be folded away."""
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "glm4"])
+def test_output_biases_without_a_per_layer_arch_are_refused(tmp_path, family):
+    """llama.cpp's qwen3, gemma3 and glm4 add no attention output bias (Gemma 3 and GLM-4 also normalise a block's
+    output before the residual add, so the bias could not be folded elsewhere either)."""
     import torch
 
-    lm = build_tiny("gemma3_text")
+    lm = build_tiny(family)
     apply_plan(lm.adapter, uniform_plan(False), attention_bias={i: 0.1 * torch.ones(96) for i in range(3)})
     ckpt = save_checkpoint(lm, tmp_path / "ck", {})
-    with pytest.raises(EdgePruneError, match="output bias"):
+    with pytest.raises(EdgePruneError, match="adds no o output bias"):
         export_gguf(ckpt, tmp_path / "m.gguf", "f32")
 
 
