@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeprune.export.parity import ParityRecord, describe, first_divergence, kl_per_position
+
 from edgeprune.errors import EdgePruneError, first_line
 
 ONNX_DTYPES = ("fp32", "fp16", "int8")
@@ -684,7 +686,7 @@ def _export(src: Path, out: Path, dtype: str, optimize: bool, recipe: str, check
             result = _check(tmp, lm, prompts, n_tokens, dtype)
             info["parity"] = result
             if not result["passed"]:
-                raise EdgePruneError(f"ONNX parity check failed ({dtype}): {_describe(result)}")
+                raise EdgePruneError(f"ONNX parity check failed ({dtype}): {describe(result)}")
         info["seconds"] = round(time.perf_counter() - start, 2)
         write_json(tmp / MANIFEST, manifest("onnx-export", **info))
         _publishable(tmp)
@@ -696,12 +698,6 @@ def _runtime_versions() -> dict:
     import onnxruntime
 
     return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-
-
-def _describe(r: dict) -> str:
-    return (f"max |logit diff| {r['max_abs_logit_diff']:.3g} (tolerance {r['tolerance']:g}), "
-            f"cache diff {r['cache_max_abs_logit_diff']:.3g}, mean KL {r.get('mean_kl', 0):.3g}, "
-            f"greedy match {r['greedy_match']}, cache match {r['cache_match']}")
 
 
 def _publishable(tmp: Path) -> None:
@@ -810,10 +806,10 @@ def _check(onnx_dir: Path, lm, prompts, n_tokens: int, dtype: str) -> dict:
         cache_ok &= full[at].argmax(-1).tolist() == new
         torch_tokens = ref[at].argmax(-1).tolist()
         greedy_ok &= torch_tokens == new
-        agree += next((i for i, (a, b) in enumerate(zip(torch_tokens, new, strict=True)) if a != b), len(new))
+        mismatch = first_divergence(torch_tokens, new)
+        agree += len(new) if mismatch is None else mismatch
         top1 += int((full.argmax(-1) == ref.argmax(-1)).sum())
-        lr, lo = _log_softmax(ref), _log_softmax(full)
-        kl_sum += float((np.exp(lr) * (lr - lo)).sum())
+        kl_sum += float(kl_per_position(ref, full).sum())
         positions += len(seq)
         prompt_ref.append(ref[:p])
     if len(encoded) > 1:  # a left-padded batch
@@ -831,21 +827,12 @@ def _check(onnx_dir: Path, lm, prompts, n_tokens: int, dtype: str) -> dict:
         cache_ok = cache_ok or cache_diff <= tolerance
     passed = (max_diff <= tolerance and cache_diff <= tolerance and cache_ok and (greedy_ok or not strict)
               and (KL_TOLERANCE[dtype] is None or mean_kl <= KL_TOLERANCE[dtype]))
-    return {"max_abs_logit_diff": max_diff, "greedy_match": bool(greedy_ok), "cache_match": bool(cache_ok),
-            "passed": bool(passed), "tolerance": tolerance, "dtype": dtype,
-            "cache_max_abs_logit_diff": cache_diff, "mean_kl": mean_kl, "kl_tolerance": KL_TOLERANCE[dtype],
-            "greedy_agreement": agree / (len(encoded) * n_tokens), "top1_agreement": top1 / max(positions, 1),
-            "prompts": len(encoded), "n_tokens": n_tokens}
-
-
-def _log_softmax(x):
-    import numpy as np
-
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
+    return ParityRecord(
+        runtime="onnxruntime", dtype=dtype, passed=bool(passed), max_abs_logit_diff=max_diff, tolerance=tolerance,
+        mean_kl=mean_kl, kl_tolerance=KL_TOLERANCE[dtype], top1_agreement=top1 / max(positions, 1),
+        min_top1_agreement=None, greedy_match=bool(greedy_ok), greedy_agreement=agree / (len(encoded) * n_tokens),
+        greedy_required=strict, positions=positions, prompts=len(encoded), n_tokens=n_tokens,
+        cache_match=bool(cache_ok), cache_max_abs_logit_diff=cache_diff).to_dict()
 
 
 __all__ = ["ONNX_DTYPES", "check_onnx", "export_onnx"]

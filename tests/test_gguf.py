@@ -5,15 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from edgeprune.export.gguf import (
-    TOLERANCE,
-    _gguf_metadata,
-    _resolve_checkpoint,
-    check_gguf,
-    export_gguf,
-    gguf_dtype,
-    gguf_perplexity,
-)
+from edgeprune.export.gguf import TOLERANCE, check_gguf, export_gguf, gguf_dtype, gguf_perplexity
+from edgeprune.export.gguf.reader import metadata
+from edgeprune.export.gguf.source import resolve_checkpoint
 
 from edgeprune.checkpoint import save_checkpoint
 from edgeprune.errors import EdgePruneError
@@ -57,21 +51,23 @@ def assert_parity(report: dict, tol: float) -> None:
     assert report["passed"]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_uniform_tiny_exports_as_llama(tmp_path, family):
+@pytest.mark.parametrize("family, arch", [("llama", "llama"), ("mistral", "llama"), ("qwen2", "deci")])
+def test_uniform_tiny_with_output_biases(tmp_path, family, arch):
+    """llama.cpp's llama adds o_proj biases; its qwen2 does not, so such a Qwen2 goes to deci (per-layer Llama)."""
     lm = build_tiny(family)
     plan = PruningPlan([LayerPlan(i, [0, 1, 2], [0], list(range(0, 128, 2))) for i in range(3)])
-    # bias compensation on every o_proj: the shapes stay uniform, so the plain llama graph (which adds bo) is used
+    # bias compensation on every o_proj: the shapes stay uniform, and both graphs add the output bias
     apply_plan(lm.adapter, plan, attention_bias={i: vec(i) for i in range(3)})
     ckpt = save_checkpoint(lm, tmp_path / "ck", {})
     info = export_gguf(ckpt, tmp_path / "m.gguf", "f32")
-    assert info["arch"] == "llama" and info["n_layers"] == 3 and info["dtype"] == "f32"
+    assert info["arch"] == arch and info["n_layers"] == 3 and info["dtype"] == "f32"
     assert info["tokenizer"]["model"] == "gpt2" and info["tokenizer"]["n_tokens"] == 259
     assert info["size_bytes"] == (tmp_path / "m.gguf").stat().st_size and len(info["sha256"]) == 64
-    meta = _gguf_metadata(tmp_path / "m.gguf", ("general.architecture", "llama.attention.head_count",
-                                                "llama.attention.key_length", "llama.feed_forward_length"))
-    assert meta == {"general.architecture": "llama", "llama.attention.head_count": 3,
-                    "llama.attention.key_length": 16, "llama.feed_forward_length": 64}
+    meta = metadata(tmp_path / "m.gguf", ("general.architecture", f"{arch}.attention.head_count",
+                                          f"{arch}.attention.key_length", f"{arch}.feed_forward_length"))
+    per_layer = arch == "deci"  # arrays, one entry per layer
+    assert meta == {"general.architecture": arch, f"{arch}.attention.head_count": [3] * 3 if per_layer else 3,
+                    f"{arch}.attention.key_length": 16, f"{arch}.feed_forward_length": [64] * 3 if per_layer else 64}
     assert_parity(check_gguf(tmp_path / "m.gguf", ckpt, PROMPTS, n_tokens=8), 1e-3)
 
 
@@ -101,7 +97,7 @@ def test_nonuniform_tiny_exports_as_deci(tmp_path, family):
     assert info["folded_biases"] == [{"from": "layer 0 attention", "into": "blk.0.ffn_down.bias"},
                                      {"from": "layer 2 attention", "into": "blk.2.ffn_down.bias"},
                                      {"from": "layer 2 mlp", "into": "blk.2.ffn_down.bias"}]
-    meta = _gguf_metadata(tmp_path / "m.gguf", ("deci.attention.head_count", "deci.attention.head_count_kv",
+    meta = metadata(tmp_path / "m.gguf", ("deci.attention.head_count", "deci.attention.head_count_kv",
                                                 "deci.feed_forward_length", "deci.attention.key_length"))
     assert meta["deci.attention.head_count"] == [1, 0, 3, 4, 6]
     assert meta["deci.attention.head_count_kv"] == [1, 0, 1, 2, 2]
@@ -182,7 +178,7 @@ def test_bad_inputs_raise_and_leave_nothing(tmp_path):
 
 
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
-    import edgeprune.export.gguf as g
+    import edgeprune.export.gguf.writer as g
 
     ckpt = save_checkpoint(build_tiny("llama"), tmp_path / "ck", {})
     out = tmp_path / "out"
@@ -211,7 +207,7 @@ def test_real_dense_f16(tmp_path, default_lm):
     from edgeprune.models import resolve_default_gguf
 
     # load("default").source is the model cache, or the .gguf itself the first time: both name the cache
-    assert _resolve_checkpoint(resolve_default_gguf()) == _resolve_checkpoint(Path(default_lm.source))
+    assert resolve_checkpoint(resolve_default_gguf()) == resolve_checkpoint(Path(default_lm.source))
     info = export_gguf(default_lm.source, tmp_path / "m.gguf", "f16")
     assert info["arch"] == "llama" and info["n_layers"] == 30 and info["tensor_types"] == {"F16": 211, "F32": 61}
     # SmolLM2's pre-tokenizer, found through the cache manifest's link to the GGUF it was made from

@@ -21,9 +21,8 @@ Roles:
 A template names the module; the tensor is ``template + ".weight"`` or ``".bias"``; ``{i}`` is the layer index.
 ``lm_head.weight`` is absent from the safetensors when ``config.tie_word_embeddings`` (the embedding is the head).
 Bias tensors exist only where the checkpoint has them (Qwen2/GLM q/k/v; o/down after bias compensation or the
-refit). ``gguf_arch`` is llama.cpp's architecture name for the family as llama.cpp's converter writes it; only
-llama/mistral/qwen2 are written by edgeprune's GGUF exporter today (as llama/deci), the others are what a writer
-should target (to be checked against llama.cpp's loader before use).
+refit). ``gguf_arch`` is the llama.cpp architecture the GGUF exporter writes for the family's uniform shapes,
+``gguf_per_layer_arch`` the one for per-layer shapes (what each can represent: ``export/gguf/archs.py``).
 """
 
 from __future__ import annotations
@@ -125,7 +124,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     _fam(name="qwen2", model_types=("qwen2",), hf_module="qwen2", config_class="Qwen2Config",
          causal_lm_class="Qwen2ForCausalLM", tensors=dict(_LLAMA_TENSORS), sliding_window="use_sliding_window",
          gguf_arch="qwen2", gguf_per_layer_arch="deci",
-         notes="q/k/v carry biases; the current GGUF writer emits qwen2 as llama/deci (same RoPE, biases kept)"),
+         notes="q/k/v carry biases"),
     _fam(name="qwen3", model_types=("qwen3",), hf_module="qwen3", config_class="Qwen3Config",
          causal_lm_class="Qwen3ForCausalLM", tensors={**_LLAMA_TENSORS, **_QK_NORMS}, qk_norm=True,
          sliding_window="use_sliding_window", gguf_arch="qwen3",
@@ -145,6 +144,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
          causal_lm_class="Phi3ForCausalLM", tensors={**_LLAMA_TENSORS, **_FUSED_QKV, **_FUSED_GATE_UP},
          fused={_FUSED_QKV["q"]: ("q", "k", "v"), _FUSED_GATE_UP["gate"]: ("gate", "up")},
          partial_rotary=True, sliding_window="all", attention_reads_config_heads=True, gguf_arch="phi3",
+         gguf_per_layer_arch="deci",  # llama.cpp's deci rotates all of head_dim: Phi-3/3.5-mini, not Phi-4-mini
          notes="Phi-3/3.5/4-mini: fused qkv_proj (q rows, then k, then v) and gate_up_proj (gate rows, then up); "
                "Phi-4-mini rotates 3/4 of head_dim"),
     _fam(name="glm", model_types=("glm",), hf_module="glm", config_class="GlmConfig",
