@@ -94,13 +94,18 @@ def compensation_biases(adapter, plan: PruningPlan, means: dict) -> tuple[dict, 
                 d = layer.head_dim
                 gone = [h * d + i for h in range(layer.num_heads) if h not in set(lp.heads) for i in range(d)]
                 idx = torch.tensor(gone, dtype=torch.long)
-                attn[layer.index] = o.weight[:, idx] @ m["attention"][idx].to(o.weight.dtype)
+                attn[layer.index] = _times(o.weight[:, idx], m["attention"][idx])
             if layer.has_mlp and m.get("mlp") is not None and len(lp.channels) < layer.intermediate_size:
                 down = layer.mlp_projections()[2]
                 keep = set(lp.channels)
                 idx = torch.tensor([c for c in range(layer.intermediate_size) if c not in keep], dtype=torch.long)
-                mlp[layer.index] = down.weight[:, idx] @ m["mlp"][idx].to(down.weight.dtype)
+                mlp[layer.index] = _times(down.weight[:, idx], m["mlp"][idx])
     return attn, mlp
+
+
+def _times(weight: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """weight @ mean in float32 on the weight's device, returned in the weight's dtype."""
+    return (weight.float() @ mean.to(weight.device, torch.float32)).to(weight.dtype)
 
 
 def _dense_key(cfg: PruneConfig, calib: Text) -> tuple:

