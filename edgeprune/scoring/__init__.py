@@ -23,19 +23,22 @@ def make_scorer(name: str, seed: int = 0, **options):
 
 def score_model(adapter, scorer, batches, micro_batch: int = 8, progress: bool = True,
                 keep_gradients: bool = False, compensation: dict | None = None, block_stats: bool = False):
-    """Score every unit of every layer. Gradients (if needed) come from whole-model passes; activation
-    statistics from a layer-by-layer pass, which also runs for a weight-only scorer when ``block_stats`` asks
-    for the block statistics (Block Influence, outlier ratios) that the bi sensitivity and the depth and owl
-    allocators read."""
+    """Score every unit of every layer. The gradient term (if needed) comes from whole-model backward passes
+    that fold each gradient into per-unit sums as it is produced (scoring.gradients: no full-size gradient is
+    kept, decoder layers are checkpointed); activation statistics from a layer-by-layer pass, which also runs
+    for a weight-only scorer when ``block_stats`` asks for the block statistics (Block Influence, outlier
+    ratios) that the bi sensitivity and the depth and owl allocators read. ``keep_gradients`` keeps those
+    per-unit sums (for the fisher sensitivity)."""
     import torch
 
     from edgeprune.scoring.base import UnitScores, outlier_ratio
-    from edgeprune.scoring.calibration import accumulate_gradients, layerwise
+    from edgeprune.scoring.calibration import layerwise
+    from edgeprune.scoring.gradients import unit_taylor
 
     start = time.perf_counter()
     grads = None
     if scorer.needs_gradients:
-        grads = accumulate_gradients(adapter, batches, micro_batch=max(1, micro_batch // 2), progress=progress)
+        grads = unit_taylor(adapter, batches, micro_batch=max(1, micro_batch // 2), progress=progress)
     layers = []
     with torch.no_grad():
         if scorer.needs_activations or block_stats or compensation is not None:
