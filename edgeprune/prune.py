@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -20,6 +19,7 @@ from edgeprune.scoring import make_scorer, score_model
 from edgeprune.selection import build_plan
 from edgeprune.sensitivity import measure
 from edgeprune.surgery import apply_plan
+from edgeprune.teacher import teacher_targets
 
 
 @dataclass
@@ -135,7 +135,11 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
     plan = PruningPlan.identity(lm.adapter)
     rounds = []
     start = time.perf_counter()
-    teacher = copy.deepcopy(lm.model).eval() if cfg.recover_steps else None
+    teacher = windows = None
+    if cfg.recover_steps:  # the unpruned model's distributions on the recovery windows, before any cut
+        rc = cfg.recovery()
+        windows = calibration_batches(lm.tokenizer, calib, rc.steps * rc.batch_size, cfg.seq_len, rc.seed)
+        teacher = teacher_targets(lm.model, windows, rc.top_k, rc.temperature, progress=progress)
     for r in range(1, cfg.rounds + 1):
         # each round removes its share of the original budget, measured against the current model
         target = cfg.ratio * base_prunable * r / cfg.rounds
@@ -179,8 +183,6 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
             paused = time.perf_counter()
             before_recovery(lm)
             start += time.perf_counter() - paused  # the record's seconds count pruning and recovery only
-        rc = cfg.recovery()
-        windows = calibration_batches(lm.tokenizer, calib, rc.steps * rc.batch_size, cfg.seq_len, rc.seed)
         recovery = distill(lm.model, teacher, windows, rc, progress=progress)
         del teacher
     after = param_counts(lm.adapter)
