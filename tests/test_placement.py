@@ -125,3 +125,25 @@ def test_cuda_bf16_prune_matches_the_cpu_plan(tmp_path):
     assert gpu.adapter.shapes() == cpu.adapter.shapes()
     ck = save_checkpoint(gpu, tmp_path / "ck", {})
     assert load(str(ck), device="cuda", dtype="bfloat16").model.device.type == "cuda"
+
+
+def test_offloaded_device_maps_are_refused():
+    from types import SimpleNamespace
+
+    from edgeprune.models.placement import check_resident
+
+    check_resident(SimpleNamespace(hf_device_map={"model.layers.0": 0, "model.layers.1": 1}))  # GPUs only: fine
+    check_resident(SimpleNamespace())  # no device map
+    with pytest.raises(EdgePruneError, match="offloaded layers to cpu, disk"):
+        check_resident(SimpleNamespace(hf_device_map={"model.layers.0": 0, "model.layers.1": "cpu", "lm_head": "disk"}))
+
+
+@CUDA
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs for a device map")
+def test_auto_device_map_spreads_layers_and_prunes(tmp_path):
+    lm = build_tiny("llama")
+    ck = save_checkpoint(lm, tmp_path / "ck", {})
+    auto = load(str(ck), device="auto", dtype="bfloat16")
+    assert len({p.device for p in auto.model.parameters()}) >= 1
+    prune_model(auto, PruneConfig(0.3, n_samples=4, seq_len=16, reconstruct=True), load_text("builtin", "calib"),
+                progress=False)

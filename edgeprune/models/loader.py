@@ -93,7 +93,9 @@ def _quiet_transformers() -> None:
 
 def _finish(model, tokenizer, spec: str, source: str, manifest: dict | None = None) -> LoadedModel:
     from edgeprune.adapters import get_adapter
+    from edgeprune.models.placement import check_resident
 
+    check_resident(model)
     model.eval()
     adapter = get_adapter(model)
     return LoadedModel(model, tokenizer, adapter, spec, source, manifest or {})

@@ -3,8 +3,10 @@
 - ``dtype``: the working dtype of the weights, ``float32``, ``bfloat16`` or ``float16``. Statistics, Gram
   matrices and score sums are accumulated in float32/float64 by the algorithms whatever this is.
 - ``device``: ``cpu``, ``cuda`` (the current GPU), ``cuda:N``, or ``auto``: every visible GPU through
-  accelerate's big-model ``device_map="auto"`` (layers spread over the GPUs, and over CPU memory when they do not
-  fit), the CPU when torch sees no GPU.
+  accelerate's big-model ``device_map="auto"`` (whole decoder layers spread over the GPUs), the CPU when torch
+  sees no GPU. A model that does not fit on the GPUs is refused: accelerate would offload layers to CPU or disk
+  (weights on the ``meta`` device between forward passes), which the statistics hooks, surgery and refit cannot
+  work on.
 
 This module only names and validates placements and moves tensors; it does not decide how much memory a stage
 needs, and it never moves a model that accelerate has dispatched (``hf_device_map``) as a whole.
@@ -92,6 +94,16 @@ def place(model, device: str = "cpu", dtype: str = "float32"):
         dmap = infer_auto_device_map(model, no_split_module_classes=no_split, dtype=p.torch_dtype)
         return dispatch_model(model, dmap)
     return model.to(p.device)
+
+
+def check_resident(model) -> None:
+    """One-line error when accelerate offloaded part of ``model`` to CPU or disk (see the module docstring)."""
+    dmap = getattr(model, "hf_device_map", None) or {}
+    gpus = {d for d in dmap.values() if str(d) not in ("cpu", "disk")}
+    off = sorted({str(d) for d in dmap.values() if str(d) in ("cpu", "disk")})
+    if off and gpus:
+        raise EdgePruneError(f"the model does not fit on the GPUs: accelerate offloaded layers to {', '.join(off)}, "
+                             "which edgeprune cannot prune; use more GPUs, --dtype bfloat16, or --device cpu")
 
 
 def input_device(model):
