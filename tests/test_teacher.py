@@ -47,3 +47,20 @@ def test_streamed_targets_match_the_model_and_have_the_right_size():
     assert topk_kl(logits, *tg.rows(0, 5)).item() == pytest.approx(0.0, abs=1e-5)
     # k is capped below the vocabulary size, so a rest outcome always exists
     assert teacher_targets(lm.model, windows[:1], k=10_000, progress=False).k == logits.shape[-1] - 1
+
+
+def test_bf16_student_trains_in_float32_and_stays_bf16():
+    from edgeprune.plan import LayerPlan, PruningPlan
+    from edgeprune.recover import RecoveryConfig, distill
+    from edgeprune.surgery import apply_plan
+
+    teacher = build_tiny("llama", dtype="bfloat16")
+    student = build_tiny("llama", dtype="bfloat16")
+    apply_plan(student.adapter, PruningPlan([LayerPlan(i, [0, 1, 2], [0], list(range(64))) for i in range(3)]))
+    windows = calibration_batches(student.tokenizer, load_text("builtin", "calib"), 8, 16, seed=1)
+    before = [p.detach().clone() for p in student.model.parameters()]
+    rec = distill(student.model, teacher.model, windows, RecoveryConfig(steps=4, batch_size=2, lr=3e-3, top_k=16),
+                  progress=False)
+    assert all(p.dtype == torch.bfloat16 for p in student.model.parameters())
+    assert sum(not torch.equal(a, b) for a, b in zip(before, student.model.parameters(), strict=True)) > 5
+    assert rec["top_k"] == 16 and len(rec["kl_steps"]) == 4 and rec["kl_steps"][-1] < rec["kl_steps"][0]
