@@ -2,9 +2,12 @@
 two rounds, refit, 100 distillation steps) run by one or more edgeprune installs back to back, with the pruned
 model's PPL on the demo's evaluation tokens (WikiText-2 test, seq 128, first 8,192 tokens).
 
-    .venv/bin/python bench/demo_prune.py --python /path/to/other/.venv/bin/python --python .venv/bin/python
+    git worktree add /tmp/before <commit>
+    .venv/bin/python bench/demo_prune.py --checkout /tmp/before --checkout .
 
-Each install runs `python -m edgeprune prune` and `eval` under `nice`; the table gives the stage's wall time, the
+Each checkout runs `python -m edgeprune prune` and `eval` under `nice` with this interpreter in the checkout's
+directory (`-m` puts the current directory first on sys.path, so its edgeprune package is the one imported;
+edgeprune.export and edgeprune.devices still come from the installed tree, which the prune stage does not use); the table gives the stage's wall time, the
 distillation's seconds per step, the peak RSS the prune record states, the PPL and the load average before and
 after (the machine is shared: compare rows of one run only). Writes bench/results/demo_prune.json.
 """
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,30 +30,33 @@ PRUNE = ["--ratio", "0.2", "--scorer", "piem", "--allocator", "lsps", "--sensiti
          "--seed", "0"]
 
 
-def _commit(python: str) -> str:
-    code = "import edgeprune, os; print(os.path.dirname(os.path.dirname(edgeprune.__file__)))"
-    root = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+def _commit(root: str) -> str:
     head = subprocess.run(["git", "-C", root, "log", "-1", "--format=%h"], capture_output=True, text=True)
     return f"{root}@{head.stdout.strip() or '?'}"
 
 
-def one(python: str, data: Path, work: Path) -> dict:
+def one(root: str, data: Path, work: Path) -> dict:
+    python = sys.executable
     out, rec, ev = work / "pruned", work / "prune.json", work / "eval.json"
+    code = "import edgeprune; print(edgeprune.__file__)"
+    imported = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
+    if not imported.startswith(str(Path(root).resolve())):
+        sys.exit(f"error: in {root} python imports {imported.strip()}")
     load0 = os.getloadavg()[0]
     start = time.perf_counter()
     subprocess.run(["nice", "-n", "5", python, "-m", "edgeprune", "prune", "default", *PRUNE, "--calib",
                     str(data / "wikitext-2" / "tokens" / "valid.txt"), "--output", str(out), "--json", str(rec)],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, cwd=root)
     wall = time.perf_counter() - start
     subprocess.run(["nice", "-n", "5", python, "-m", "edgeprune", "eval", str(out), "--data",
                     str(data / "wikitext-2" / "wiki.test.raw"), "--seq-len", "128", "--max-tokens", "8192",
-                    "--json", str(ev)], check=True, capture_output=True)
+                    "--json", str(ev)], check=True, capture_output=True, cwd=root)
     r = json.loads(rec.read_text())
     r = r.get("record", r)
     recovery = r.get("recovery") or {}
     e = json.loads(ev.read_text())
     ppl = e.get("ppl", e).get("ppl") if isinstance(e.get("ppl", e), dict) else e.get("ppl")
-    return {"install": _commit(python), "wall_seconds": wall, "prune_record_seconds": r.get("seconds"),
+    return {"install": _commit(root), "wall_seconds": wall, "prune_record_seconds": r.get("seconds"),
             "distill_seconds": recovery.get("seconds"),
             "seconds_per_step": recovery["seconds"] / recovery["config"]["steps"] if recovery else None,
             "kl_curve": recovery.get("kl_curve"), "peak_rss_mib": r.get("peak_rss_mib"), "ppl": ppl,
@@ -58,14 +65,14 @@ def one(python: str, data: Path, work: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--python", action="append", required=True, help="an install's interpreter (repeatable)")
+    ap.add_argument("--checkout", action="append", required=True, help="an edgeprune checkout (repeatable)")
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     args = ap.parse_args()
-    data = data_dir(args.data)
+    data = data_dir(args.data).resolve()
     rows = []
-    for py in args.python:
+    for root in args.checkout:
         with tempfile.TemporaryDirectory() as tmp:
-            rows.append(one(py, data, Path(tmp)))
+            rows.append(one(str(Path(root).resolve()), data, Path(tmp)))
         print(json.dumps(rows[-1]), flush=True)
     print("| install | prune stage s | distillation s/step | peak RSS MiB | PPL | load avg before -> after |")
     print("|---|---|---|---|---|---|")

@@ -47,7 +47,7 @@ def coverage(teacher, student, windows, ks) -> list[dict]:
             (g,) = torch.autograd.grad(trunc, s)
             a = sums[k]
             a["mass"] += float(1 - rest.exp().mean())
-            a["trunc"] += float(trunc)
+            a["trunc"] += float(trunc.detach())
             a["full"] += float(full)
             a["dot"] += float((g * g_full).sum())
             a["nt"] += float((g * g).sum())
