@@ -130,7 +130,14 @@ def main() -> None:
         total = sum(len(x[k]) for x in a["plan"] for k in ("heads", "channels"))
         print(f"20% piem + lsps: kept units in common {same}/{total}; PPL full-gradient {a['ppl']:.2f}, "
               f"per-micro-batch hooks {b['ppl']:.2f}")
-    save("score_memory", {"rows": rows, "n_samples": args.n_samples, "loadavg": os.getloadavg()})
+    common = None
+    if len(planned) == 2:
+        common = [same, total]
+    for r in rows:  # the result file keeps the kept widths, not every kept index
+        if "plan" in r:
+            r["kept_per_layer"] = [[len(x["heads"]), len(x["channels"])] for x in r.pop("plan")]
+    save("score_memory", {"rows": rows, "n_samples": args.n_samples, "units_in_common": common,
+                          "loadavg": os.getloadavg()})
 
 
 if __name__ == "__main__":
