@@ -91,6 +91,8 @@ def main() -> None:
     rel = bf16["ppl"] / f32["ppl"] - 1
     print(f"same layer shapes: {shapes_equal}; kept units in common: {both}/{either} ({both / either:.2%}); "
           f"pruned PPL bf16 vs fp32: {rel:+.2%}")
+    for r in rows.values():  # the result file keeps the kept widths, not every kept index
+        r["kept_per_layer"] = [[len(x["heads"]), len(x["channels"])] for x in r.pop("plan")]
     save("dtype", {"rows": rows, "same_shapes": shapes_equal, "units_in_common": [both, either],
                    "ppl_rel_diff": rel, "loadavg": os.getloadavg()})
 
