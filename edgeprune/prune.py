@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict
 
@@ -19,6 +18,7 @@ from edgeprune.scoring import make_scorer, score_model
 from edgeprune.selection import build_plan
 from edgeprune.sensitivity import SENSITIVITIES
 from edgeprune.surgery import apply_plan
+from edgeprune.teacher import teacher_targets
 
 __all__ = ["PruneConfig", "compensation_biases", "prune_model"]
 
@@ -41,13 +41,18 @@ def compensation_biases(adapter, plan: PruningPlan, means: dict) -> tuple[dict, 
                 d = layer.head_dim
                 gone = [h * d + i for h in range(layer.num_heads) if h not in set(lp.heads) for i in range(d)]
                 idx = torch.tensor(gone, dtype=torch.long)
-                attn[layer.index] = o.weight[:, idx] @ m["attention"][idx].to(o.weight.dtype)
+                attn[layer.index] = _times(o.weight[:, idx], m["attention"][idx])
             if layer.has_mlp and m.get("mlp") is not None and len(lp.channels) < layer.intermediate_size:
                 down = layer.mlp_projections().down
                 keep = set(lp.channels)
                 idx = torch.tensor([c for c in range(layer.intermediate_size) if c not in keep], dtype=torch.long)
-                mlp[layer.index] = down.weight[:, idx] @ m["mlp"][idx].to(down.weight.dtype)
+                mlp[layer.index] = _times(down.weight[:, idx], m["mlp"][idx])
     return attn, mlp
+
+
+def _times(weight: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """weight @ mean in float32 on the weight's device, returned in the weight's dtype."""
+    return (weight.float() @ mean.to(weight.device, torch.float32)).to(weight.dtype)
 
 
 def _dense_key(cfg: PruneConfig, calib: Text) -> tuple:
@@ -80,7 +85,11 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
     plan = PruningPlan.identity(lm.adapter)
     rounds = []
     start = time.perf_counter()
-    teacher = copy.deepcopy(lm.model).eval() if cfg.recover_steps else None
+    teacher = windows = None
+    if cfg.recover_steps:  # the unpruned model's distributions on the recovery windows, before any cut
+        rc = cfg.recovery()
+        windows = calibration_batches(lm.tokenizer, calib, rc.steps * rc.batch_size, cfg.seq_len, rc.seed)
+        teacher = teacher_targets(lm.model, windows, rc.top_k, rc.temperature, progress=progress)
     for r in range(1, cfg.rounds + 1):
         # each round removes its share of the original budget, measured against the current model
         target = cfg.ratio * base_prunable * r / cfg.rounds
@@ -121,8 +130,6 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
             paused = time.perf_counter()
             before_recovery(lm)
             start += time.perf_counter() - paused  # the record's seconds count pruning and recovery only
-        rc = cfg.recovery()
-        windows = calibration_batches(lm.tokenizer, calib, rc.steps * rc.batch_size, cfg.seq_len, rc.seed)
         recovery = distill(lm.model, teacher, windows, rc, progress=progress)
         del teacher
     after = param_counts(lm.adapter)

@@ -30,17 +30,17 @@ from edgeprune.surgery import _dims, cut_attention, cut_mlp
 class _Gram:
     """X^T X of a projection's inputs with a column of ones appended."""
 
-    def __init__(self, dim: int):
-        self.g = torch.zeros(dim + 1, dim + 1, dtype=torch.float64)
+    def __init__(self, dim: int, device=None):
+        self.g = torch.zeros(dim + 1, dim + 1, dtype=torch.float64, device=device)
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+        x = x.reshape(-1, x.shape[-1]).double()  # float64 whatever the working dtype
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
         self.g += x.T @ x
 
 
 def _gram_of_input(layer_module, proj: torch.nn.Linear, inputs: list) -> torch.Tensor:
-    gram = _Gram(proj.in_features)
+    gram = _Gram(proj.in_features, proj.weight.device)
     handle = proj.register_forward_pre_hook(lambda _m, args: gram.update(args[0]))
     try:
         with torch.no_grad():
@@ -56,7 +56,8 @@ def refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, k
     """New (weight over the kept columns, bias) minimising the output error on the Gram's tokens."""
     d = weight.shape[1]
     w_aug = torch.cat([weight.double(), (bias.double() if bias is not None else
-                                         torch.zeros(weight.shape[0], dtype=torch.float64))[:, None]], 1)
+                                         torch.zeros(weight.shape[0], dtype=torch.float64,
+                                                     device=weight.device))[:, None]], 1)
     k = torch.cat([keep.long(), torch.tensor([d])])  # kept columns plus the ones column (the bias)
     gkk = gram[k][:, k].clone()
     diag = gkk.diagonal()
@@ -80,7 +81,7 @@ def bias_only(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tenso
     """The bias that keeps the block's mean output (FLAP's compensation): b + W[:, removed] E[x_removed]."""
     d = weight.shape[1]
     mean = gram[:d, d] / gram[d, d]  # the ones column holds the feature sums; its diagonal the token count
-    gone = torch.ones(d, dtype=torch.bool)
+    gone = torch.ones(d, dtype=torch.bool, device=weight.device)
     gone[keep] = False
     extra = weight.double()[:, gone] @ mean[gone]
     return (extra if bias is None else bias.double() + extra).to(weight.dtype)

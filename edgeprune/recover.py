@@ -3,7 +3,9 @@ model (the teacher) on calibration text.
 
 The loss is the KL divergence from the teacher's next-token distribution to the student's at every position
 (Hinton et al.'s distillation at temperature ``temperature``; Sheared-LLaMA and Minitron recover pruned models the
-same way). Distilling rather than fitting the text's own next tokens is deliberate: the target is the model the
+same way). The teacher's distributions are computed once, before training, in one streamed inference pass and
+kept as top-k log-probabilities plus the remaining mass (edgeprune.teacher): the teacher need not stay resident,
+and the loss is the exact KL between the two distributions coarsened to the teacher's k tokens and "the rest". Distilling rather than fitting the text's own next tokens is deliberate: the target is the model the
 user started from, so recovery restores what pruning removed and does not teach the student the calibration
 text's domain (a plain language-model fine-tune on WikiText would also lower the *dense* model's WikiText PPL,
 which makes a pruned-vs-dense comparison dishonest). ``ce_weight`` mixes in that next-token loss for users who
@@ -11,12 +13,20 @@ want it anyway.
 
 Every decoder weight is trained (the model is small enough for a full fine-tune on a CPU; LoRA saves optimizer
 memory, not the backward pass that dominates the time here); the token embedding, tied to the output head in
-SmolLM2, stays frozen, so the vocabulary matrix is neither updated nor given optimizer state.
+SmolLM2, stays frozen, so the vocabulary matrix is neither updated nor given optimizer state. A bfloat16/float16
+student is trained in float32 (master weights; AdamW steps are below bf16's resolution) and cast back after.
+
+Launched as several processes (``accelerate launch --multi_gpu --num_processes N`` or ``torchrun``; see
+edgeprune.distill), the loop is data-parallel through ``accelerate.Accelerator``: each process takes an equal
+share of every step's windows, gradients are averaged across processes (gloo on CPUs, NCCL on GPUs), so the
+loss curve and the weights match one process's up to float summation order. Not done: FSDP/DeepSpeed sharding
+(every process holds the whole student and its optimizer state).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -33,6 +43,8 @@ class RecoveryConfig:
     temperature: float = 1.0
     ce_weight: float = 0.0  # share of the next-token cross-entropy in the loss (0 = pure distillation)
     seed: int = 1  # window sampling; differs from the scoring windows' seed by default
+    top_k: int = 64  # teacher tokens kept per position (edgeprune.teacher; README "Scale" measures k)
+    autocast: bool = False  # bfloat16 autocast of the student's forward/backward (README "Scale": CPU timing)
 
     def validate(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -41,6 +53,8 @@ class RecoveryConfig:
             raise EdgePruneError("recovery learning rate and temperature must be positive")
         if not 0 <= self.ce_weight <= 1:
             raise EdgePruneError("recovery ce_weight must be in [0, 1]")
+        if self.top_k < 1:
+            raise EdgePruneError("recovery top_k must be at least 1")
 
 
 def _trainable(model) -> list[torch.nn.Parameter]:
@@ -71,42 +85,93 @@ def _schedule(step: int, steps: int) -> float:
 
 
 def distill(student, teacher, windows: torch.Tensor, cfg: RecoveryConfig, progress: bool = True) -> dict:
-    """Fine-tune ``student`` in place on ``windows`` (steps x batch_size rows of token ids) towards ``teacher``.
+    """Fine-tune ``student`` in place on ``windows`` (steps x batch_size rows of token ids) towards ``teacher``:
+    a model (its targets are computed here first) or the TeacherTargets of these windows.
     Returns a JSON-ready record: the config, the loss curve (mean per 10 steps), time and tokens seen."""
-    from tqdm.auto import tqdm
+    from edgeprune.teacher import TeacherTargets, teacher_targets
 
     cfg.validate()
     need = cfg.steps * cfg.batch_size
     if windows.shape[0] < need:
         raise EdgePruneError(f"recovery needs {need} windows, got {windows.shape[0]}")
+    start = time.perf_counter()
+    if not isinstance(teacher, TeacherTargets):
+        teacher = teacher_targets(teacher, windows[:need], cfg.top_k, cfg.temperature, progress=progress)
+    if teacher.indices.shape[0] < need or teacher.temperature != cfg.temperature:
+        raise EdgePruneError("the teacher targets do not cover these recovery windows at this temperature")
+    working = student.get_input_embeddings().weight.dtype
+    if working != torch.float32:
+        _cast(student, torch.float32)
+    try:
+        record = _train(student, teacher, windows, cfg, progress)
+    finally:
+        if working != torch.float32:
+            _cast(student, working)
+    record.update(seconds=time.perf_counter() - start, top_k=teacher.k,
+                  teacher_targets_mib=teacher.nbytes() / 2**20)
+    return record
+
+
+def _cast(model, dtype) -> None:
+    for p in model.parameters():  # parameters only: rotary buffers stay float32
+        p.data = p.data.to(dtype)
+
+
+def _train(student, targets, windows: torch.Tensor, cfg: RecoveryConfig, progress: bool) -> dict:
+    from contextlib import nullcontext
+
+    from tqdm.auto import tqdm
+
+    from edgeprune.models.placement import input_device
+    from edgeprune.teacher import topk_kl
+
+    need = cfg.steps * cfg.batch_size
     torch.manual_seed(cfg.seed)
     flags = [(p, p.requires_grad) for p in student.parameters()]
     params = _trainable(student)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    # the schedule steps the plain optimizer once per step (accelerate's wrapper would step it once per process)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg.steps))
-    teacher.eval()
+    acc = accelerator()
+    forward, share, offset = student, cfg.batch_size, 0
+    if acc is not None:
+        if cfg.batch_size % acc.num_processes:
+            raise EdgePruneError(f"the recovery batch size ({cfg.batch_size}) must be a multiple of the number of "
+                                 f"processes ({acc.num_processes})")
+        share = cfg.batch_size // acc.num_processes
+        offset = acc.process_index * share
+        forward, opt = acc.prepare(student, opt)  # DDP: the same parameters, gradients all-reduced
+    device = input_device(student)
     was_training = student.training
     student.train()
-    curve, chunk, start = [], [], time.perf_counter()
+    curve, chunk, steps = [], [], []
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.autocast else nullcontext()
     bar = tqdm(range(cfg.steps), desc="recover (distill)", unit="step", disable=not progress, leave=False)
     try:
         for step in bar:
-            x = windows[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            with torch.no_grad():
-                target = teacher(x).logits
-            logits = student(x).logits
-            loss = kd = distillation_loss(logits, target, cfg.temperature)
+            first = step * cfg.batch_size + offset
+            rows = (first, first + share)  # this process's share of the step's windows
+            x = windows[rows[0]:rows[1]].to(device)
+            with amp:
+                logits = forward(x).logits
+            loss = kd = topk_kl(logits, *targets.rows(*rows), cfg.temperature)
             if cfg.ce_weight:
                 ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten())
                 loss = (1 - cfg.ce_weight) * kd + cfg.ce_weight * ce
             if not torch.isfinite(loss):
                 raise EdgePruneError(f"recovery diverged at step {step} (loss {loss.item()}); lower --recover-lr")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if acc is None:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+            else:
+                acc.backward(loss)
+                acc.clip_grad_norm_(params, 1.0)
+                kd = acc.reduce(kd.detach(), "mean")  # the whole step's mean KL (equal shares)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            chunk.append(kd.item())
+            steps.append(kd.item())
+            chunk.append(steps[-1])
             bar.set_postfix(kl=f"{kd.item():.3f}")
             if len(chunk) == 10 or step == cfg.steps - 1:
                 curve.append(sum(chunk) / len(chunk))
@@ -117,6 +182,18 @@ def distill(student, teacher, windows: torch.Tensor, cfg: RecoveryConfig, progre
         for p, flag in flags:
             p.requires_grad_(flag)
             p.grad = None
-        del opt
-    return {"config": vars(cfg).copy(), "kl_curve": curve, "tokens": need * windows.shape[1],
-            "seconds": time.perf_counter() - start}
+        del opt, forward
+        if acc is not None:
+            acc.free_memory()
+    return {"config": vars(cfg).copy(), "kl_curve": curve, "kl_steps": steps, "tokens": need * windows.shape[1],
+            "processes": 1 if acc is None else acc.num_processes}
+
+
+def accelerator():
+    """An ``accelerate.Accelerator`` when this process is one of several (WORLD_SIZE > 1), else None. On a
+    machine without GPUs it is a CPU accelerator (gloo)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())

@@ -30,8 +30,11 @@ class LayerSensitivity:
 
 
 def _loss(model, batches: torch.Tensor) -> float:
+    from edgeprune.models.placement import input_device
+
+    batches = batches.to(input_device(model))
     with torch.no_grad():
-        logits = model(input_ids=batches, use_cache=False).logits[:, :-1]
+        logits = model(input_ids=batches, use_cache=False).logits[:, :-1].float()
         return torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), batches[:, 1:].reshape(-1)).item()
 
@@ -68,7 +71,7 @@ class _Masked:
     """Temporarily zero some units' weights (restored on exit)."""
 
     def __init__(self, tensors_and_index):
-        self.items = tensors_and_index
+        self.items = [(t, dim, idx.to(t.device)) for t, dim, idx in tensors_and_index]
 
     def __enter__(self):
         self.saved = []

@@ -12,6 +12,7 @@ from edgeprune.plan import PruningPlan
 def _rows(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
     new = nn.Linear(lin.in_features, idx.numel(), bias=lin.bias is not None,
                     device=lin.weight.device, dtype=lin.weight.dtype)
+    idx = idx.to(lin.weight.device)
     new.weight.data.copy_(lin.weight.data.index_select(0, idx))
     if lin.bias is not None:
         new.bias.data.copy_(lin.bias.data.index_select(0, idx))
@@ -21,7 +22,7 @@ def _rows(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
 def _cols(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
     new = nn.Linear(idx.numel(), lin.out_features, bias=lin.bias is not None,
                     device=lin.weight.device, dtype=lin.weight.dtype)
-    new.weight.data.copy_(lin.weight.data.index_select(1, idx))
+    new.weight.data.copy_(lin.weight.data.index_select(1, idx.to(lin.weight.device)))
     if lin.bias is not None:
         new.bias.data.copy_(lin.bias.data)
     return new
@@ -56,7 +57,9 @@ def cut_attention(layer, lp, bias: torch.Tensor | None = None) -> bool:
     if not layer.has_attention:
         return False
     if not lp.kv_heads:
+        ref = layer.attention_projections().q.weight
         layer.remove_attention(out_bias=bias)
+        layer.attention.to(device=ref.device, dtype=ref.dtype)  # the stub is built in float32 on the CPU
         return True
     if lp.heads == list(range(layer.num_heads)) and bias is None:
         return False
@@ -73,7 +76,9 @@ def cut_mlp(layer, lp, bias: torch.Tensor | None = None) -> bool:
     if not layer.has_mlp:
         return False
     if not lp.channels:
+        ref = layer.mlp_projections().gate.weight
         layer.remove_mlp(out_bias=bias)
+        layer.mlp.to(device=ref.device, dtype=ref.dtype)
         return True
     if lp.channels == list(range(layer.intermediate_size)) and bias is None:
         return False
@@ -89,7 +94,7 @@ def _with_bias(lin: nn.Linear, extra: torch.Tensor | None) -> nn.Linear:
         return lin
     if lin.bias is None:
         lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
-    lin.bias.data += extra.to(lin.bias.dtype)
+    lin.bias.data += extra.to(lin.bias.device, lin.bias.dtype)
     return lin
 
 

@@ -103,7 +103,7 @@ def test_bias_compensation_restores_the_mean_output(default_lm, batches):
     for i in layers:
         layer = lm.adapter.layers[i]
         hooks.append(layer.mlp.register_forward_pre_hook(lambda m, a, i=i: mlp_in.setdefault(i, []).append(a[0])))
-        o = layer.attention_projections()[3]
+        o = layer.attention_projections().o
         hooks.append(o.register_forward_pre_hook(lambda m, a, i=i: o_in.setdefault(i, []).append(a[0])))
     with torch.no_grad():
         lm.model(input_ids=batches, use_cache=False)
@@ -113,7 +113,7 @@ def test_bias_compensation_restores_the_mean_output(default_lm, batches):
     o_in = {i: torch.cat(v).reshape(-1, v[0].shape[-1]) for i, v in o_in.items()}
     with torch.no_grad():
         dense_mlp = {i: lm.adapter.layers[i].mlp(mlp_in[i]).mean(0) for i in layers}
-        dense_o = {i: lm.adapter.layers[i].attention_projections()[3](o_in[i]).mean(0) for i in layers}
+        dense_o = {i: lm.adapter.layers[i].attention_projections().o(o_in[i]).mean(0) for i in layers}
 
     means: dict = {}
     scores = score_model(lm.adapter, make_scorer("fluctuation"), batches, progress=False, compensation=means)
@@ -126,7 +126,7 @@ def test_bias_compensation_restores_the_mean_output(default_lm, batches):
         kept = torch.tensor([h * d + j for h in lp.heads for j in range(d)])
         with torch.no_grad():
             pruned = {"mlp": layer.mlp(mlp_in[i]).mean(0),
-                      "attention": layer.attention_projections()[3](o_in[i][:, kept]).mean(0)}
+                      "attention": layer.attention_projections().o(o_in[i][:, kept]).mean(0)}
         for kind, dense, bias in (("mlp", dense_mlp[i], mlp_bias[i]), ("attention", dense_o[i], attn_bias[i])):
             scale = dense.norm()
             with_bias = (pruned[kind] - dense).norm() / scale

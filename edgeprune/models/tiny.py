@@ -46,7 +46,9 @@ TINY_FAMILIES = {
 }
 
 
-def build_tiny(family: str = "llama", seed: int = 0, **overrides) -> LoadedModel:
+def build_tiny(family: str = "llama", seed: int = 0, *, device: str = "cpu", dtype: str = "float32",
+               **overrides) -> LoadedModel:
+    """A tiny model, initialised in float32 (the same weights for every dtype) and then placed."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -66,5 +68,9 @@ def build_tiny(family: str = "llama", seed: int = 0, **overrides) -> LoadedModel
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+    if (device, dtype) != ("cpu", "float32"):
+        from edgeprune.models.placement import place
+
+        model = place(model, device, dtype)
     model.eval()
     return LoadedModel(model, tok, get_adapter(model), f"tiny-{family}", f"tiny-{family}")

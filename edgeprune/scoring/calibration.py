@@ -1,6 +1,9 @@
 """Layer-by-layer calibration (as Wanda and FLAP do): capture the inputs of layer 0 once, then run one decoder
 layer at a time on the calibration batches, so peak memory is one layer plus its activations, not the model's
-whole activation graph. Hooks on the layer being run collect the statistics scorers need."""
+whole activation graph. Hooks on the layer being run collect the statistics scorers need.
+
+Statistics accumulate in float64 on the layer's device whatever the weights' dtype; a layer's inputs and outputs
+stay in the working dtype."""
 
 from __future__ import annotations
 
@@ -25,8 +28,9 @@ class FeatureStats:
     n: int = 0
 
     @classmethod
-    def zeros(cls, dim: int) -> FeatureStats:
-        return cls(torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64))
+    def zeros(cls, dim: int, device=None) -> FeatureStats:
+        return cls(torch.zeros(dim, dtype=torch.float64, device=device),
+                   torch.zeros(dim, dtype=torch.float64, device=device))
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).double()
@@ -66,7 +70,10 @@ class LayerStats:
 
 def capture_layer0_inputs(adapter: ModelAdapter, batches: torch.Tensor, micro_batch: int = 8):
     """Run the embeddings once; return per micro-batch (hidden_states, layer kwargs)."""
+    from edgeprune.models.placement import input_device
+
     layer0 = adapter.layers[0].layer
+    device = input_device(adapter.model)
     captured: list = []
 
     def hook(_module, args, kwargs):
@@ -81,7 +88,7 @@ def capture_layer0_inputs(adapter: ModelAdapter, batches: torch.Tensor, micro_ba
         with torch.no_grad():
             for b in range(0, batches.shape[0], micro_batch):
                 try:
-                    adapter.model(input_ids=batches[b : b + micro_batch], use_cache=False)
+                    adapter.model(input_ids=batches[b : b + micro_batch].to(device), use_cache=False)
                 except _StopForward:
                     pass
     finally:
@@ -96,8 +103,8 @@ def _run_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> to
 
 def _bi(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     cos = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]).double(),
-                                                b.reshape(-1, b.shape[-1]).double(), dim=-1)
-    return (1 - cos).sum()
+                                                b.reshape(-1, b.shape[-1]).to(a.device).double(), dim=-1)
+    return float((1 - cos).sum())
 
 
 def collect_layer_stats(layer: LayerAdapter, inputs: list) -> tuple[LayerStats, list]:
@@ -105,21 +112,22 @@ def collect_layer_stats(layer: LayerAdapter, inputs: list) -> tuple[LayerStats, 
     stats = LayerStats()
     handles = []
     head_dim = layer.head_dim
-    bi = {"attn": torch.zeros((), dtype=torch.float64), "mlp": torch.zeros((), dtype=torch.float64)}
+    dev = layer.attention_input_norm.weight.device  # accelerate never splits a decoder layer over devices
+    bi = {"attn": 0.0, "mlp": 0.0}
     mid: list = []
 
     if layer.has_attention:
         o = layer.attention_projections().o
-        stats.attn_in = FeatureStats.zeros(o.in_features)
+        stats.attn_in = FeatureStats.zeros(o.in_features, dev)
         n_heads, n_kv = layer.num_heads, layer.num_kv_heads
-        stats.head_energy = torch.zeros(n_heads, dtype=torch.float64)
-        stats.group_energy = torch.zeros(n_kv, dtype=torch.float64)
-        w = o.weight.detach().view(o.out_features, n_heads, head_dim)
+        stats.head_energy = torch.zeros(n_heads, dtype=torch.float64, device=dev)
+        stats.group_energy = torch.zeros(n_kv, dtype=torch.float64, device=dev)
+        w = o.weight.detach().view(o.out_features, n_heads, head_dim).float()  # float32 products for bf16 too
 
         def attn_hook(_m, args):
             x = args[0]
             stats.attn_in.update(x)
-            xh = x.reshape(-1, n_heads, head_dim)
+            xh = x.reshape(-1, n_heads, head_dim).float()
             y = torch.einsum("thd,ohd->tho", xh, w)  # each head's contribution to the residual
             stats.head_energy.add_(y.double().pow(2).sum((0, 2)))
             yg = y.view(y.shape[0], n_kv, n_heads // n_kv, -1).sum(2)
@@ -128,10 +136,10 @@ def collect_layer_stats(layer: LayerAdapter, inputs: list) -> tuple[LayerStats, 
         handles.append(o.register_forward_pre_hook(attn_hook))
     if layer.has_mlp:
         down = layer.mlp_projections().down
-        stats.mlp_in = FeatureStats.zeros(down.in_features)
+        stats.mlp_in = FeatureStats.zeros(down.in_features, dev)
         handles.append(down.register_forward_pre_hook(lambda _m, args: stats.mlp_in.update(args[0])))
-    stats.attn_x = FeatureStats.zeros(layer.attention_input_norm.weight.shape[0])
-    stats.mlp_x = FeatureStats.zeros(layer.mlp_input_norm.weight.shape[0])
+    stats.attn_x = FeatureStats.zeros(layer.attention_input_norm.weight.shape[0], dev)
+    stats.mlp_x = FeatureStats.zeros(layer.mlp_input_norm.weight.shape[0], dev)
     handles.append(layer.attention_input_norm.register_forward_hook(lambda _m, _a, y: stats.attn_x.update(y)))
     handles.append(layer.mlp_input_norm.register_forward_hook(lambda _m, _a, y: stats.mlp_x.update(y)))
     # the MLP-norm's input is the residual stream between the attention and the MLP block
@@ -147,7 +155,7 @@ def collect_layer_stats(layer: LayerAdapter, inputs: list) -> tuple[LayerStats, 
                 h_mid = mid[0] if mid else hidden
                 bi["attn"] += _bi(hidden, h_mid)
                 bi["mlp"] += _bi(h_mid, out)
-                stats.bi_layer += float(_bi(hidden, out))
+                stats.bi_layer += _bi(hidden, out)
                 n_tokens += hidden.shape[0] * hidden.shape[1]
                 outputs.append((out, kw))
     finally:
@@ -182,7 +190,10 @@ def accumulate_gradients(adapter: ModelAdapter, batches: torch.Tensor, micro_bat
     """
     from tqdm.auto import tqdm
 
+    from edgeprune.models.placement import input_device
+
     model = adapter.model
+    device = input_device(model)
     params, rows = {}, {}  # unique parameters; role -> (parameter key, its rows) (fused roles share one)
     for layer in adapter.layers:
         mods = {}
@@ -204,8 +215,8 @@ def accumulate_gradients(adapter: ModelAdapter, batches: torch.Tensor, micro_bat
     try:
         for b in tqdm(range(0, batches.shape[0], micro_batch), desc="gradients", unit="batch",
                       disable=not progress, leave=False):
-            ids = batches[b : b + micro_batch]
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+            ids = batches[b : b + micro_batch].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum") / n_total
             loss.backward()

@@ -50,6 +50,8 @@ class TaylorScorer(Scorer):
     needs_gradients = True
 
     def score_layer(self, layer, stats, grads):
+        if hasattr(grads, "layer_scores"):  # per-unit sums folded during the backward pass (scoring.gradients)
+            return grads.layer_scores(layer, block_scores(stats))
         w = _weights(layer)
         prod = {k: (v * grads[f"{layer.index}.{k}"].double()).abs() for k, v in w.items()}
         g, h, c = reduce_weights(layer, **prod)
