@@ -26,7 +26,7 @@ data-dependent branch of transformers' mask code is baked into the trace. (The d
 
 from __future__ import annotations
 
-import copy
+import gc
 import logging
 import os
 import shutil
@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from edgeprune.export.onnx_weights import UnresolvedWeight, attach_weights, internalise, load_tensor
 
 from edgeprune.errors import EdgePruneError, first_line
 
@@ -182,19 +184,27 @@ def _export_fp32(lm, path: Path) -> dict:
         dyn[name] = {0: "batch_size", 2: "past_sequence_length"}
     for name in out_names[1:]:
         dyn[name] = {0: "batch_size", 2: "total_sequence_length"}
+    export_kw = dict(dynamo=False, input_names=in_names, output_names=out_names, dynamic_axes=dyn,
+                     opset_version=OPSET, do_constant_folding=True)
     scratch = path.parent / ".trace"
     scratch.mkdir()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, (ids, mask, pos, *past), str(scratch / MODEL_FILE), dynamo=False,
-                              input_names=in_names, output_names=out_names, dynamic_axes=dyn,
-                              opset_version=OPSET, do_constant_folding=True)
-        proto = onnx.load(str(scratch / MODEL_FILE), load_external_data=True)
+            try:  # the graph alone; its weights are written tensor by tensor (export/onnx_weights.py)
+                torch.onnx.export(wrapper, (ids, mask, pos, *past), str(scratch / MODEL_FILE), export_params=False,
+                                  **export_kw)
+                proto = onnx.load(str(scratch / MODEL_FILE), load_external_data=False)
+                weights = attach_weights(proto, wrapper, path, len(in_names))
+                how = "graph traced without parameters, weights written tensor by tensor"
+            except UnresolvedWeight:  # a graph input we cannot map: trace with the weights inside
+                torch.onnx.export(wrapper, (ids, mask, pos, *past), str(scratch / MODEL_FILE), **export_kw)
+                weights = save_model(onnx.load(str(scratch / MODEL_FILE), load_external_data=True), path)
+                how = "full trace"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    save_model(proto, path)
-    return {"kv_layers": kv_layers, "kv_heads": kv_heads, "head_dim": head_dim}
+    return {"kv_layers": kv_layers, "kv_heads": kv_heads, "head_dim": head_dim, "weights": how,
+            "weight_bytes": weights["weight_bytes"]}
 
 
 def save_model(proto, path: Path) -> dict:
@@ -300,7 +310,8 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
     packers = {4: C.quantize_matmul_4bits, 8: C.quantize_matmul_8bits}
     if bits not in packers:
         raise ValueError(f"bits must be 4 or 8, not {bits}")
-    proto = onnx.load(str(src), load_external_data=True)
+    src = Path(src)
+    proto = onnx.load(str(src), load_external_data=False)  # weights are read one at a time (load_tensor)
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     uses: dict[str, int] = {}
@@ -314,7 +325,7 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
         w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if w is not None and len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT:
             how = choose(node.name)
-            weight = numpy_helper.to_array(w).astype(np.float32)
+            weight = load_tensor(w, src.parent).astype(np.float32)
             rows, cols = weight.shape  # K, N
             name = f"{node.name or w.name}_Q"
             if how == "nbits":
@@ -354,7 +365,7 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
         e = inits.get(node.input[0]) if node.op_type == "Gather" and embedding else None
         if (e is not None and len(e.dims) == 2 and e.data_type == onnx.TensorProto.FLOAT
                 and e.dims[1] % block_size == 0 and not any(a.name == "axis" and a.i != 0 for a in node.attribute)):
-            table = numpy_helper.to_array(e).astype(np.float32)
+            table = load_tensor(e, src.parent).astype(np.float32)
             vocab, hidden = table.shape
             blocks = table.reshape(vocab, hidden // block_size, block_size)
             scale = np.abs(blocks).max(axis=-1) / 127.0
@@ -370,6 +381,8 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
             continue
         new_nodes.append(node)
     keep = [t for t in graph.initializer if uses.get(t.name, 0) > 0]
+    for t in keep:  # the float tensors that stay (norms, biases, unquantized weights) move into the graph
+        internalise(t, src.parent)
     del graph.initializer[:]
     graph.initializer.extend(keep + added)
     del graph.node[:]
@@ -594,16 +607,16 @@ def _export(src: Path, out: Path, dtype: str, optimize: bool, recipe: str, check
                                 "vocab_size": cfg.vocab_size, "runtime_versions": _runtime_versions()}
         work = Path(tempfile.mkdtemp(prefix=".work", dir=tmp))
         try:
-            current = work / "fp32.onnx"
-            traced = lm
-            if dtype == "int8" and recipe == "smooth-hybrid":  # smooth a copy: the parity reference stays as is
-                traced = copy.deepcopy(lm)
-                info["smoothing"] = smooth_model(traced)
+            current = work / MODEL_FILE  # float32 graph, weights in model.onnx.data beside it
+            if dtype == "int8" and recipe == "smooth-hybrid":  # in place: parity reloads the unsmoothed model
+                info["smoothing"] = smooth_model(lm)
             try:
-                info.update(_export_fp32(traced, current))
+                info.update(_export_fp32(lm, current))
             except Exception as e:  # the tracer raises many types; report one line
                 raise EdgePruneError(f"ONNX export of {src} failed: {first_line(e)}") from None
-            del traced
+            tokenizer = lm.tokenizer
+            del lm  # conversion and quantization read the graph's weights from disk, not from torch
+            gc.collect()
             if optimize:
                 info["optimizer"] = optimize_graph(current, work / "opt.onnx")
                 current = work / "opt.onnx"
@@ -624,9 +637,9 @@ def _export(src: Path, out: Path, dtype: str, optimize: bool, recipe: str, check
             shutil.rmtree(work, ignore_errors=True)
         info["external_data"] = (tmp / DATA_FILE).exists()
         info["size_bytes"] = _file_bytes(tmp / MODEL_FILE)
-        _copy_side_files(lm, src, tmp)
+        _copy_side_files(tokenizer, src, tmp)
         if check:
-            result = _check(tmp, lm, prompts, n_tokens, dtype)
+            result = _check(tmp, load(str(src)), prompts, n_tokens, dtype)
             info["parity"] = result
             if not result["passed"]:
                 raise EdgePruneError(f"ONNX parity check failed ({dtype}): {_describe(result)}")
@@ -660,18 +673,25 @@ def _publishable(tmp: Path) -> None:
 
 
 def _move_model(src: Path, dst: Path) -> None:
-    if not src.with_name(src.name + ".data").exists():
+    """Publish a graph under ``dst``: its external data stays external over 2 GB (moved, not rewritten, when it
+    already has the final name), else it is read back into one file."""
+    data = src.with_name(src.name + ".data")
+    if not data.exists():
         os.replace(src, dst)
         return
-    import onnx  # the external-data file name is recorded in the graph: re-save under the final name
+    import onnx
 
+    if data.stat().st_size > EXTERNAL_DATA_BYTES and data.name == dst.name + ".data":
+        os.replace(data, dst.with_name(data.name))
+        os.replace(src, dst)
+        return
     save_model(onnx.load(str(src), load_external_data=True), dst)
 
 
-def _copy_side_files(lm, src: Path, dst: Path) -> None:
+def _copy_side_files(tokenizer, src: Path, dst: Path) -> None:
     import json
 
-    lm.tokenizer.save_pretrained(dst)
+    tokenizer.save_pretrained(dst)
     for name in COPY_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
