@@ -639,7 +639,7 @@ def _export(src: Path, out: Path, dtype: str, optimize: bool, recipe: str, check
         info["size_bytes"] = _file_bytes(tmp / MODEL_FILE)
         _copy_side_files(tokenizer, src, tmp)
         if check:
-            result = _check(tmp, load(str(src)), prompts, n_tokens, dtype)
+            result = _check(tmp, tokenizer, lambda: load(str(src)).model, prompts, n_tokens, dtype)
             info["parity"] = result
             if not result["passed"]:
                 raise EdgePruneError(f"ONNX parity check failed ({dtype}): {_describe(result)}")
@@ -727,7 +727,8 @@ def check_onnx(onnx_dir, checkpoint_dir, prompts=None, n_tokens: int = 16) -> di
     src = Path(checkpoint_dir)
     if not (src / "config.json").is_file():
         raise EdgePruneError(f"{checkpoint_dir} is not a model directory (no config.json)")
-    return _check(onnx_dir, load(str(src)), prompts, n_tokens, onnx_dtype(onnx_dir))
+    lm = load(str(src))
+    return _check(onnx_dir, lm.tokenizer, lambda: lm.model, prompts, n_tokens, onnx_dtype(onnx_dir))
 
 
 def onnx_dtype(onnx_dir) -> str:
@@ -744,30 +745,53 @@ def onnx_dtype(onnx_dir) -> str:
     return "fp32"
 
 
-def _check(onnx_dir: Path, lm, prompts, n_tokens: int, dtype: str) -> dict:
+def _ort_outputs(onnx_dir: Path, encoded: list, n_tokens: int) -> tuple[list, object]:
+    """onnxruntime's side of the check, run before the PyTorch model is loaded (the two are never resident
+    together): per prompt (greedy tokens with the cache, the cached steps' logits, the full forward's logits on
+    prompt + generated tokens), and the left-padded batch's logits."""
     import numpy as np
-    import torch
     from edgeprune.devices.ort_generate import OrtGenerator
 
-    n_tokens = max(int(n_tokens), 1)
-    tolerance = TOLERANCE[dtype]
     gen = OrtGenerator(onnx_dir)
-    prompts = list(prompts or DEFAULT_PROMPTS)
-    encoded = [list(lm.tokenizer(p, add_special_tokens=True)["input_ids"]) or [0] for p in prompts]
-    max_diff = cache_diff = kl_sum = 0.0
-    greedy_ok = cache_ok = True
-    agree = top1 = positions = 0
-    prompt_ref = []
+    runs = []
     for ids in encoded:
         new = gen.generate(ids, max_new_tokens=n_tokens, greedy=True, use_cache=True, stop_at_eos=False,
                            keep_logits=True)
         steps = gen.last_logits
-        seq = ids + new[:-1]
         # one full forward each (no cache) on prompt + generated tokens: greedy decoding would reproduce `new`
         # exactly when the argmax at every generated position is the token that was generated there
-        full = gen.prefill(np.array([seq], dtype=np.int64))[0]
+        full = gen.prefill(np.array([ids + new[:-1]], dtype=np.int64))[0]
+        runs.append((new, steps, full))
+    padded = None
+    if len(encoded) > 1:  # a left-padded batch
+        width = max(len(e) for e in encoded[:2])
+        ids = np.zeros((2, width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for r, e in enumerate(encoded[:2]):
+            ids[r, width - len(e):], mask[r, width - len(e):] = e, 1
+        padded = gen.prefill(ids, attention_mask=mask)
+    return runs, padded
+
+
+def _check(onnx_dir: Path, tokenizer, reference, prompts, n_tokens: int, dtype: str) -> dict:
+    """``reference``: a callable returning the PyTorch model, called once onnxruntime's session is gone."""
+    import numpy as np
+    import torch
+
+    n_tokens = max(int(n_tokens), 1)
+    tolerance = TOLERANCE[dtype]
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    encoded = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) or [0] for p in prompts]
+    runs, padded = _ort_outputs(onnx_dir, encoded, n_tokens)
+    gc.collect()
+    model = reference()
+    max_diff = cache_diff = kl_sum = 0.0
+    greedy_ok = cache_ok = True
+    agree = top1 = positions = 0
+    for r, (ids, (new, steps, full)) in enumerate(zip(encoded, runs, strict=True)):
+        seq = ids + new[:-1]
         with torch.no_grad():
-            ref = lm.model(input_ids=torch.tensor([seq]), use_cache=False).logits[0].float().numpy()
+            ref = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0].float().numpy()
         p = len(ids)
         at = slice(p - 1, p - 1 + len(new))
         max_diff = max(max_diff, float(np.abs(full - ref).max()))
@@ -780,16 +804,9 @@ def _check(onnx_dir: Path, lm, prompts, n_tokens: int, dtype: str) -> dict:
         lr, lo = _log_softmax(ref), _log_softmax(full)
         kl_sum += float((np.exp(lr) * (lr - lo)).sum())
         positions += len(seq)
-        prompt_ref.append(ref[:p])
-    if len(encoded) > 1:  # a left-padded batch
-        width = max(len(e) for e in encoded[:2])
-        ids = np.zeros((2, width), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for r, e in enumerate(encoded[:2]):
-            ids[r, width - len(e):], mask[r, width - len(e):] = e, 1
-        got = gen.prefill(ids, attention_mask=mask)
-        for r, e in enumerate(encoded[:2]):
-            max_diff = max(max_diff, float(np.abs(got[r, width - len(e):] - prompt_ref[r]).max()))
+        if padded is not None and r < 2:
+            width = padded.shape[1]
+            max_diff = max(max_diff, float(np.abs(padded[r, width - p:] - ref[:p]).max()))
     strict = dtype == "fp32"
     mean_kl = kl_sum / max(positions, 1)
     if not strict:
