@@ -37,6 +37,7 @@ from edgeprune.surgery import _dims, cut_attention, cut_mlp
 
 GRADIENTS = ("lens", "none")
 DEFAULT_GRADIENT = "none"
+LENS_STRIDE = 8  # the logit-lens loss reads every 8th position (its lm_head products cost ~1/3 of a layer pass each)
 
 
 def _stream_scorer(scorer, gradient: str):
@@ -60,22 +61,24 @@ def _projections(layer) -> dict[str, torch.nn.Linear]:
     return out
 
 
-def lens_gradients(adapter, layer, inputs: list, batches: torch.Tensor, micro_batch: int) -> dict:
+def lens_gradients(adapter, layer, inputs: list, batches: torch.Tensor, micro_batch: int,
+                   stride: int = LENS_STRIDE) -> dict:
     """Sum over the calibration batches of dL/dW for the layer's projections, L the logit-lens loss of the layer
-    (mean next-token cross-entropy of lm_head(final_norm(layer output))). Keys as ``accumulate_gradients``."""
+    (mean next-token cross-entropy of lm_head(final_norm(layer output))) on every ``stride``-th position: the
+    lm_head products dominate the cost, once per layer. Keys as ``accumulate_gradients``."""
     params = {f"{layer.index}.{k}": m.weight for k, m in _projections(layer).items()}
     for p in params.values():
         p.requires_grad_(True)
         p.grad = None
-    n_total = batches[:, 1:].numel()
+    n_total = batches[:, 1::stride].numel()
     try:
         with torch.enable_grad():
             for j, (hidden, kw) in enumerate(inputs):
                 ids = batches[j * micro_batch:(j + 1) * micro_batch]
                 out = _run_layer(layer.layer, hidden, kw)
-                logits = adapter.lm_head(adapter.final_norm(out))[:, :-1].float()
+                logits = adapter.lm_head(adapter.final_norm(out[:, :-1][:, ::stride])).float()
                 loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum") / n_total
+                    logits.reshape(-1, logits.size(-1)), ids[:, 1::stride].reshape(-1), reduction="sum") / n_total
                 loss.backward()
                 del logits, loss, out
         return {k: p.grad.detach().clone() for k, p in params.items()}
