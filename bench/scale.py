@@ -38,6 +38,11 @@ SIZES = {
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),  # Llama-3.2-3B
 }
 
+# shapes to extrapolate to: (hidden, intermediate, layers, heads, kv heads, vocab, tied)
+KNOWN = {"Llama-3.2-3B": (3072, 8192, 28, 24, 8, 128256, True), "Llama-3.1-8B": (4096, 14336, 32, 32, 8, 128256, False),
+         "Qwen2.5-14B": (5120, 13824, 48, 40, 8, 152064, False), "Llama-3.1-70B": (8192, 28672, 80, 64, 8, 128256, False)}
+BUDGET = 24 * 2**30
+
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
@@ -48,7 +53,9 @@ t = time.perf_counter()
 cfg = PruneConfig(ratio=0.2, scorer="piem", allocator="lsps", sensitivity="bi", n_samples=8, seq_len=128)
 text = load_text("builtin", "calib")
 res = {}
-if mode == "memory":
+if mode == "baseline":
+    import torch, transformers, edgeprune.stream_prune, edgeprune.prune  # noqa: F401
+elif mode == "memory":
     import torch
     from edgeprune.checkpoint import save_checkpoint
     from edgeprune.models import load
@@ -159,6 +166,8 @@ def table(rows: list[dict]) -> str:
             "|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
+        if r["mode"] == "baseline":
+            continue
         gib = r["model_bytes"] / 2**30
         if "error" in r:
             lines.append(f"| {r['size']} | {r['params'] / 1e6:.0f}M | {r['dtype']} | {gib:.2f} | {r['mode']} | "
@@ -199,6 +208,42 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def shape_params(hidden, inter, layers, heads, kv, vocab, tied) -> tuple[int, int]:
+    """(parameters outside the layers, parameters of one layer) of a Llama-shaped model."""
+    d = hidden // heads
+    layer = hidden * d * (2 * heads + 2 * kv) + 3 * hidden * inter + 2 * hidden
+    return vocab * hidden * (1 if tied else 2) + hidden, layer
+
+
+def extrapolate(rows: list[dict]) -> str:
+    """Fit peak RSS = a + b * x per mode (a: the measured RSS of a process that has imported torch, transformers
+    and edgeprune; b: the mean of (peak - a) / x over the measured rows; x: the model's bytes in memory mode, the
+    bytes of the non-layer part plus one layer in streaming mode) and predict known shapes in bfloat16.
+    Extrapolated, not measured."""
+    base = [r for r in rows if r["mode"] == "baseline" and "error" not in r]
+    if not base:
+        return ""
+    a = base[-1]["peak_rss_mib"] * 2**20
+    out = ["| mode | fit (GiB) | " + " | ".join(KNOWN) + " |", "|---|---|" + "---|" * len(KNOWN)]
+    for mode in ("memory", "stream"):
+        pts = [r for r in rows if r["mode"] == mode and "error" not in r]
+        if not pts:
+            continue
+        width = {r["size"]: (2 if r["dtype"] != "float32" else 4) for r in pts}
+        xs = [r["model_bytes"] if mode == "memory" else (r["rest_params"] + r["layer_params"]) * width[r["size"]]
+              for r in pts]
+        b = sum((r["peak_rss_mib"] * 2**20 - a) / x for r, x in zip(pts, xs, strict=True)) / len(pts)
+        cells = []
+        for shape in KNOWN.values():
+            rest, layer = shape_params(*shape)
+            x = 2 * (rest + shape[2] * layer) if mode == "memory" else 2 * (rest + layer)
+            peak = a + b * x
+            cells.append(f"{peak / 2**30:.1f} {'fits' if peak <= BUDGET else 'over'}")
+        out.append(f"| {mode} | {a / 2**30:.2f} + {b:.2f} x | " + " | ".join(cells) + " |")
+    return ("Extrapolated peak RSS (GiB) in bfloat16 from a linear fit of the measured rows, against a 24 GiB "
+            "budget (not measured):\n\n" + "\n".join(out) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="default,135m,0.5b")
@@ -212,6 +257,8 @@ def main() -> None:
     previous = json.loads((RESULTS / "scale.json").read_text())["rows"] if (RESULTS / "scale.json").is_file() else []
     rows = []
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        rows.append({"size": "-", "mode": "baseline", "dtype": "-", "params": 0, "model_bytes": 0,
+                     **run("baseline", Path(tmp), Path(tmp), "float32", 600)})
         for size in args.sizes.split(","):
             src = source_dir("default") if size == "default" else make_random(size, Path(args.work or tmp) / size,
                                                                                args.dtype)
@@ -229,19 +276,25 @@ def main() -> None:
                 res = run(mode, pruned if mode == "export" else src, target, base["dtype"], args.timeout)
                 rows.append({**base, "mode": mode, "load_average": os.getloadavg(), **res})
                 print(table(rows[-1:]).splitlines()[-1], file=sys.stderr)
+                publish(previous, rows)
             if size != "default":
                 import shutil
 
                 shutil.rmtree(Path(args.work or tmp) / size, ignore_errors=True)
-    keep = [r for r in previous if (r["size"], r["mode"], r["dtype"]) not in {(x["size"], x["mode"], x["dtype"])
-                                                                           for x in rows}]
-    rows = keep + rows
+    print(publish(previous, rows))
+
+
+def publish(previous: list[dict], rows: list[dict]) -> str:
+    """Merge the new rows into bench/results/scale.json (replacing rows of the same size, mode and dtype) and
+    rewrite the table and the plot; called after every measurement, so an interrupted run keeps its rows."""
+    new = {(x["size"], x["mode"], x["dtype"]) for x in rows}
+    rows = [r for r in previous if (r["size"], r["mode"], r["dtype"]) not in new] + rows
     save("scale", {"rows": rows, "recipe": "piem+lsps(bi), ratio 0.2, 1 round, 8x128 builtin calibration"})
-    text = table(rows) + f"\n\nload average at the end: {os.getloadavg()[0]:.1f} (2 cores, shared)\n"
+    text = table(rows) + f"\n\nload average at the end: {os.getloadavg()[0]:.1f} (2 cores, shared)\n\n"
+    text += extrapolate(rows)
     (RESULTS / "scale.md").write_text(text)
     plot(rows, RESULTS / "scale.png")
-    print(text)
-
+    return text
 
 if __name__ == "__main__":
     main()
