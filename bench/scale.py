@@ -259,7 +259,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         rows.append({"size": "-", "mode": "baseline", "dtype": "-", "params": 0, "model_bytes": 0,
                      **run("baseline", Path(tmp), Path(tmp), "float32", 600)})
-        for size in args.sizes.split(","):
+        for size in [s for s in args.sizes.split(",") if s]:
             src = source_dir("default") if size == "default" else make_random(size, Path(args.work or tmp) / size,
                                                                                args.dtype)
             info = params_of(src)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SMALL_GRID_TOKENS, data_dir, save  # noqa: E402
+from common import SMALL_GRID_TOKENS, data_dir, load_result, save  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time
@@ -70,18 +70,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data")
     ap.add_argument("--ratio", type=float, default=0.2)
+    ap.add_argument("--modes", default="memory,stream-lens,stream-none",
+                    help="a subset replaces those rows in the saved result and keeps the others")
     args = ap.parse_args()
     data = data_dir(args.data)
     calib = str(data / "wikitext-2" / "tokens" / "valid.txt")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("memory", "stream-lens", "stream-none"):
+        for mode in args.modes.split(","):
             res = run(mode, Path(tmp) / mode, calib, args.ratio)
             res["ppl"] = ppl(Path(tmp) / mode, data)
-            rows.append({"mode": mode, **res})
+            rows.append({"mode": mode, **res, "load_average": os.getloadavg()})
             print(f"{mode}: PPL {res['ppl']:.2f}, {res['seconds']:.0f} s, peak RSS {res['peak_rss_mib']:.0f} MiB",
                   file=sys.stderr)
-    result = {"ratio": args.ratio, "eval_tokens": SMALL_GRID_TOKENS, "load_average": os.getloadavg(), "rows": rows}
+    old = load_result("stream_gradient") or {"rows": []}
+    rows = [r for r in old["rows"] if r["mode"] not in {x["mode"] for x in rows}] + rows
+    for r in rows:
+        r.setdefault("load_average", os.getloadavg())
+    result = {"ratio": args.ratio, "eval_tokens": SMALL_GRID_TOKENS, "rows": rows}
     save("stream_gradient", result)
     print(f"| gradient term | PPL at {args.ratio:.0%} | prune seconds | peak RSS MiB |\n|---|---|---|---|")
     for r in rows:
