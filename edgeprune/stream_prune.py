@@ -36,7 +36,7 @@ from edgeprune.streaming import LayerShardWriter, StreamedModel, layer_state, re
 from edgeprune.surgery import _dims, cut_attention, cut_mlp
 
 GRADIENTS = ("lens", "none")
-DEFAULT_GRADIENT = "none"
+DEFAULT_GRADIENT = "lens"  # measured: bench/stream_gradient.py, README "Scale"
 LENS_STRIDE = 8  # the logit-lens loss reads every 8th position (its lm_head products cost ~1/3 of a layer pass each)
 
 
