@@ -2,7 +2,7 @@
 
 Models: Llama-shaped random-initialised checkpoints (written layer by layer, never resident: see ``make_random``)
 of about 135M, 0.5B, 1.1B and 3B parameters, and the real default model. Each measurement runs in its own process;
-peak RSS is that process's ``ru_maxrss``. Recipe: PIEM + LSPS (Block Influence), ratio 0.2, one round, 8
+peak RSS is that process's VmHWM. Recipe: PIEM + LSPS (Block Influence), ratio 0.2, one round, 8
 calibration windows of 128 tokens of the built-in text, no refit; the in-memory path computes PIEM's exact
 gradient term, the streamed path its default (stream_prune.DEFAULT_GRADIENT). Export: ONNX int8 of the pruned
 in-memory checkpoint, parity check included.
@@ -44,7 +44,11 @@ KNOWN = {"Llama-3.2-3B": (3072, 8192, 28, 24, 8, 128256, True), "Llama-3.1-8B": 
 BUDGET = 24 * 2**30
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
+
+def hwm_mib():  # this process's own peak RSS: getrusage would include the spawning parent's (vfork + exec)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
+
 from pathlib import Path
 from edgeprune.data import load_text
 from edgeprune.prune import PruneConfig
@@ -76,7 +80,7 @@ else:
     from edgeprune.export.onnx import export_onnx
     rec = export_onnx(src, out, "int8")
     res["parity_passed"] = rec["parity"]["passed"]
-res.update(seconds=time.perf_counter() - t, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+res.update(seconds=time.perf_counter() - t, peak_rss_mib=hwm_mib())
 print(json.dumps(res))
 """
 

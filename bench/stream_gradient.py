@@ -8,7 +8,7 @@
 
 Recipe: PIEM + LSPS (Block Influence), one round, 32 calibration windows of 128 tokens from WikiText-2 valid, no
 refit, no distillation; PPL on the first 8,192 tokens of WikiText-2 test (seq 128). Each pruning runs in its own
-process (peak RSS from getrusage). Writes bench/results/stream_gradient.json and prints a markdown table.
+process (peak RSS: its VmHWM). Writes bench/results/stream_gradient.json and prints a markdown table.
 
     .venv/bin/python bench/stream_gradient.py [--data ../shared/data] [--ratio 0.2]
 """
@@ -27,7 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SMALL_GRID_TOKENS, data_dir, load_result, save  # noqa: E402
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
+
+def hwm_mib():  # this process's own peak RSS: getrusage would include the spawning parent's (vfork + exec)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
+
 from edgeprune.data import load_text
 from edgeprune.prune import PruneConfig
 mode, out, calib, ratio = sys.argv[1:5]
@@ -45,7 +49,7 @@ else:
     from edgeprune.stream_prune import stream_prune
     rec = stream_prune("default", cfg, text, out, gradient=mode.removeprefix("stream-"), progress=False)
 print(json.dumps({"seconds": time.perf_counter() - t,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_rss_mib": hwm_mib(),
                   "layer_shapes": rec["layer_shapes"]}))
 """
 
