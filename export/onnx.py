@@ -26,7 +26,7 @@ data-dependent branch of transformers' mask code is baked into the trace. (The d
 
 from __future__ import annotations
 
-import copy
+import gc
 import logging
 import os
 import shutil
@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeprune.export.onnx_weights import UnresolvedWeight, attach_weights, internalise, load_tensor
 from edgeprune.export.parity import ParityRecord, describe, first_divergence, kl_per_position
 
 from edgeprune.errors import EdgePruneError, first_line
@@ -226,19 +227,27 @@ def _export_fp32(lm, path: Path) -> dict:
         dyn[name] = {0: "batch_size", 2: "past_sequence_length"}
     for name in out_names[1:]:
         dyn[name] = {0: "batch_size", 2: "total_sequence_length"}
+    export_kw = dict(dynamo=False, input_names=in_names, output_names=out_names, dynamic_axes=dyn,
+                     opset_version=OPSET, do_constant_folding=True)
     scratch = path.parent / ".trace"
     scratch.mkdir()
     try:
         with torch.no_grad(), warnings.catch_warnings(), _traceable_rope(lm.adapter.spec):
             warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, (ids, mask, pos, *past), str(scratch / MODEL_FILE), dynamo=False,
-                              input_names=in_names, output_names=out_names, dynamic_axes=dyn,
-                              opset_version=OPSET, do_constant_folding=True)
-        proto = onnx.load(str(scratch / MODEL_FILE), load_external_data=True)
+            try:  # the graph alone; its weights are written tensor by tensor (export/onnx_weights.py)
+                torch.onnx.export(wrapper, (ids, mask, pos, *past), str(scratch / MODEL_FILE), export_params=False,
+                                  **export_kw)
+                proto = onnx.load(str(scratch / MODEL_FILE), load_external_data=False)
+                weights = attach_weights(proto, wrapper, path, len(in_names))
+                how = "graph traced without parameters, weights written tensor by tensor"
+            except UnresolvedWeight:  # a graph input we cannot map: trace with the weights inside
+                torch.onnx.export(wrapper, (ids, mask, pos, *past), str(scratch / MODEL_FILE), **export_kw)
+                weights = save_model(onnx.load(str(scratch / MODEL_FILE), load_external_data=True), path)
+                how = "full trace"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    save_model(proto, path)
-    return {"kv_layers": kv_layers, "kv_heads": kv_heads, "head_dim": head_dim}
+    return {"kv_layers": kv_layers, "kv_heads": kv_heads, "head_dim": head_dim, "weights": how,
+            "weight_bytes": weights["weight_bytes"]}
 
 
 def save_model(proto, path: Path) -> dict:
@@ -344,7 +353,8 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
     packers = {4: C.quantize_matmul_4bits, 8: C.quantize_matmul_8bits}
     if bits not in packers:
         raise ValueError(f"bits must be 4 or 8, not {bits}")
-    proto = onnx.load(str(src), load_external_data=True)
+    src = Path(src)
+    proto = onnx.load(str(src), load_external_data=False)  # weights are read one at a time (load_tensor)
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     uses: dict[str, int] = {}
@@ -358,7 +368,7 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
         w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if w is not None and len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT:
             how = choose(node.name)
-            weight = numpy_helper.to_array(w).astype(np.float32)
+            weight = load_tensor(w, src.parent).astype(np.float32)
             rows, cols = weight.shape  # K, N
             name = f"{node.name or w.name}_Q"
             if how == "nbits":
@@ -398,7 +408,7 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
         e = inits.get(node.input[0]) if node.op_type == "Gather" and embedding else None
         if (e is not None and len(e.dims) == 2 and e.data_type == onnx.TensorProto.FLOAT
                 and e.dims[1] % block_size == 0 and not any(a.name == "axis" and a.i != 0 for a in node.attribute)):
-            table = numpy_helper.to_array(e).astype(np.float32)
+            table = load_tensor(e, src.parent).astype(np.float32)
             vocab, hidden = table.shape
             blocks = table.reshape(vocab, hidden // block_size, block_size)
             scale = np.abs(blocks).max(axis=-1) / 127.0
@@ -414,6 +424,8 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
             continue
         new_nodes.append(node)
     keep = [t for t in graph.initializer if uses.get(t.name, 0) > 0]
+    for t in keep:  # the float tensors that stay (norms, biases, unquantized weights) move into the graph
+        internalise(t, src.parent)
     del graph.initializer[:]
     graph.initializer.extend(keep + added)
     del graph.node[:]
@@ -616,8 +628,8 @@ def _check_inputs(checkpoint_dir, out_dir, dtype: str) -> tuple[Path, Path]:
 
 def export_onnx(checkpoint_dir, out_dir, dtype: str = "fp32", optimize: bool | None = None, *,
                 int8_recipe: str | None = None, check: bool = True, prompts=None, n_tokens: int = 16) -> dict:
-    """Export a checkpoint directory (dense or pruned) to ``out_dir``: ``model.onnx`` (+ ``model.onnx.data`` over
-    2 GB), tokenizer files, ``config.json``, ``generation_config.json`` and ``manifest.json``.
+    """Export a checkpoint directory (dense or pruned) to ``out_dir``: ``model.onnx`` (+ ``model.onnx.data``: always
+    for fp32, over 2 GB for fp16/int8), tokenizer files, ``config.json``, ``generation_config.json`` and ``manifest.json``.
 
     ``dtype``: fp32, fp16 (float16 weights and compute, float32 interface) or int8 (``int8_recipe``, default
     ``DEFAULT_INT8``). ``optimize``: run onnxruntime's transformer optimizer (None: ``OPTIMIZE_DEFAULT``, off: it
@@ -651,16 +663,16 @@ def _export(src: Path, out: Path, dtype: str, optimize: bool, recipe: str, check
                                 "vocab_size": cfg.vocab_size, "runtime_versions": _runtime_versions()}
         work = Path(tempfile.mkdtemp(prefix=".work", dir=tmp))
         try:
-            current = work / "fp32.onnx"
-            traced = lm
-            if dtype == "int8" and recipe == "smooth-hybrid":  # smooth a copy: the parity reference stays as is
-                traced = copy.deepcopy(lm)
-                info["smoothing"] = smooth_model(traced)
+            current = work / MODEL_FILE  # float32 graph, weights in model.onnx.data beside it
+            if dtype == "int8" and recipe == "smooth-hybrid":  # in place: parity reloads the unsmoothed model
+                info["smoothing"] = smooth_model(lm)
             try:
-                info.update(_export_fp32(traced, current))
+                info.update(_export_fp32(lm, current))
             except Exception as e:  # the tracer raises many types; report one line
                 raise EdgePruneError(f"ONNX export of {src} failed: {first_line(e)}") from None
-            del traced
+            tokenizer = lm.tokenizer
+            del lm  # conversion and quantization read the graph's weights from disk, not from torch
+            gc.collect()
             if optimize:
                 info["optimizer"] = optimize_graph(current, work / "opt.onnx")
                 current = work / "opt.onnx"
@@ -681,9 +693,9 @@ def _export(src: Path, out: Path, dtype: str, optimize: bool, recipe: str, check
             shutil.rmtree(work, ignore_errors=True)
         info["external_data"] = (tmp / DATA_FILE).exists()
         info["size_bytes"] = _file_bytes(tmp / MODEL_FILE)
-        _copy_side_files(lm, src, tmp)
+        _copy_side_files(tokenizer, src, tmp)
         if check:
-            result = _check(tmp, lm, prompts, n_tokens, dtype)
+            result = _check(tmp, tokenizer, lambda: load(str(src)).model, prompts, n_tokens, dtype)
             info["parity"] = result
             if not result["passed"]:
                 raise EdgePruneError(f"ONNX parity check failed ({dtype}): {describe(result)}")
@@ -711,18 +723,26 @@ def _publishable(tmp: Path) -> None:
 
 
 def _move_model(src: Path, dst: Path) -> None:
-    if not src.with_name(src.name + ".data").exists():
+    """Publish a graph under ``dst``. Its external data is moved, not rewritten: reading a graph back into one
+    file costs about three times its weights in memory (the proto, its serialised bytes, the file read), the
+    largest step of a float32 export before (2.2 GB for SmolLM2-135M's 0.54 GB)."""
+    data = src.with_name(src.name + ".data")
+    if not data.exists():
         os.replace(src, dst)
         return
-    import onnx  # the external-data file name is recorded in the graph: re-save under the final name
+    if data.name == dst.name + ".data":
+        os.replace(data, dst.with_name(data.name))
+        os.replace(src, dst)
+        return
+    import onnx
 
     save_model(onnx.load(str(src), load_external_data=True), dst)
 
 
-def _copy_side_files(lm, src: Path, dst: Path) -> None:
+def _copy_side_files(tokenizer, src: Path, dst: Path) -> None:
     import json
 
-    lm.tokenizer.save_pretrained(dst)
+    tokenizer.save_pretrained(dst)
     for name in COPY_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
@@ -758,7 +778,8 @@ def check_onnx(onnx_dir, checkpoint_dir, prompts=None, n_tokens: int = 16) -> di
     src = Path(checkpoint_dir)
     if not (src / "config.json").is_file():
         raise EdgePruneError(f"{checkpoint_dir} is not a model directory (no config.json)")
-    return _check(onnx_dir, load(str(src)), prompts, n_tokens, onnx_dtype(onnx_dir))
+    lm = load(str(src))
+    return _check(onnx_dir, lm.tokenizer, lambda: lm.model, prompts, n_tokens, onnx_dtype(onnx_dir))
 
 
 def onnx_dtype(onnx_dir) -> str:
@@ -775,30 +796,53 @@ def onnx_dtype(onnx_dir) -> str:
     return "fp32"
 
 
-def _check(onnx_dir: Path, lm, prompts, n_tokens: int, dtype: str) -> dict:
+def _ort_outputs(onnx_dir: Path, encoded: list, n_tokens: int) -> tuple[list, object]:
+    """onnxruntime's side of the check, run before the PyTorch model is loaded (the two are never resident
+    together): per prompt (greedy tokens with the cache, the cached steps' logits, the full forward's logits on
+    prompt + generated tokens), and the left-padded batch's logits."""
     import numpy as np
-    import torch
     from edgeprune.devices.ort_generate import OrtGenerator
 
-    n_tokens = max(int(n_tokens), 1)
-    tolerance = TOLERANCE[dtype]
     gen = OrtGenerator(onnx_dir)
-    prompts = list(prompts or DEFAULT_PROMPTS)
-    encoded = [list(lm.tokenizer(p, add_special_tokens=True)["input_ids"]) or [0] for p in prompts]
-    max_diff = cache_diff = kl_sum = 0.0
-    greedy_ok = cache_ok = True
-    agree = top1 = positions = 0
-    prompt_ref = []
+    runs = []
     for ids in encoded:
         new = gen.generate(ids, max_new_tokens=n_tokens, greedy=True, use_cache=True, stop_at_eos=False,
                            keep_logits=True)
         steps = gen.last_logits
-        seq = ids + new[:-1]
         # one full forward each (no cache) on prompt + generated tokens: greedy decoding would reproduce `new`
         # exactly when the argmax at every generated position is the token that was generated there
-        full = gen.prefill(np.array([seq], dtype=np.int64))[0]
+        full = gen.prefill(np.array([ids + new[:-1]], dtype=np.int64))[0]
+        runs.append((new, steps, full))
+    padded = None
+    if len(encoded) > 1:  # a left-padded batch
+        width = max(len(e) for e in encoded[:2])
+        ids = np.zeros((2, width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for r, e in enumerate(encoded[:2]):
+            ids[r, width - len(e):], mask[r, width - len(e):] = e, 1
+        padded = gen.prefill(ids, attention_mask=mask)
+    return runs, padded
+
+
+def _check(onnx_dir: Path, tokenizer, reference, prompts, n_tokens: int, dtype: str) -> dict:
+    """``reference``: a callable returning the PyTorch model, called once onnxruntime's session is gone."""
+    import numpy as np
+    import torch
+
+    n_tokens = max(int(n_tokens), 1)
+    tolerance = TOLERANCE[dtype]
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    encoded = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) or [0] for p in prompts]
+    runs, padded = _ort_outputs(onnx_dir, encoded, n_tokens)
+    gc.collect()
+    model = reference()
+    max_diff = cache_diff = kl_sum = 0.0
+    greedy_ok = cache_ok = True
+    agree = top1 = positions = 0
+    for r, (ids, (new, steps, full)) in enumerate(zip(encoded, runs, strict=True)):
+        seq = ids + new[:-1]
         with torch.no_grad():
-            ref = lm.model(input_ids=torch.tensor([seq]), use_cache=False).logits[0].float().numpy()
+            ref = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0].float().numpy()
         p = len(ids)
         at = slice(p - 1, p - 1 + len(new))
         max_diff = max(max_diff, float(np.abs(full - ref).max()))
@@ -811,16 +855,9 @@ def _check(onnx_dir: Path, lm, prompts, n_tokens: int, dtype: str) -> dict:
         top1 += int((full.argmax(-1) == ref.argmax(-1)).sum())
         kl_sum += float(kl_per_position(ref, full).sum())
         positions += len(seq)
-        prompt_ref.append(ref[:p])
-    if len(encoded) > 1:  # a left-padded batch
-        width = max(len(e) for e in encoded[:2])
-        ids = np.zeros((2, width), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for r, e in enumerate(encoded[:2]):
-            ids[r, width - len(e):], mask[r, width - len(e):] = e, 1
-        got = gen.prefill(ids, attention_mask=mask)
-        for r, e in enumerate(encoded[:2]):
-            max_diff = max(max_diff, float(np.abs(got[r, width - len(e):] - prompt_ref[r]).max()))
+        if padded is not None and r < 2:
+            width = padded.shape[1]
+            max_diff = max(max_diff, float(np.abs(padded[r, width - p:] - ref[:p]).max()))
     strict = dtype == "fp32"
     mean_kl = kl_sum / max(positions, 1)
     if not strict:

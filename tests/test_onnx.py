@@ -91,6 +91,7 @@ def test_tiny_export_parity(tiny_exports, name):
     p = info["parity"]
     assert p["passed"] and p["greedy_match"] and p["cache_match"], p
     assert p["max_abs_logit_diff"] < 1e-4 and p["cache_max_abs_logit_diff"] < 1e-4
+    assert info["weights"].startswith("graph traced without parameters")  # no full trace, no model copies
     assert {f.name for f in d.iterdir()} >= {"model.onnx", "tokenizer.json", "config.json", "manifest.json"}
     manifest = json.loads((d / "manifest.json").read_text())
     assert manifest["kind"] == "onnx-export" and manifest["parity"]["passed"]
@@ -196,6 +197,21 @@ def test_external_data(tmp_path, tiny_exports, monkeypatch):
     info = ox.export_onnx(ck, tmp_path / "ext", n_tokens=4)
     assert info["external_data"] and (tmp_path / "ext" / "model.onnx.data").is_file()
     assert (tmp_path / "ext" / "model.onnx").stat().st_size < 1_000_000 and info["parity"]["passed"]
+
+
+def test_full_trace_fallback(tmp_path, tiny_exports, monkeypatch):
+    """A graph input the weight writer cannot map falls back to the full trace, with the same parity."""
+    import edgeprune.export.onnx as ox
+    from edgeprune.export.onnx_weights import UnresolvedWeight
+
+    def unresolved(*a, **k):
+        raise UnresolvedWeight("x")
+
+    monkeypatch.setattr(ox, "attach_weights", unresolved)
+    ck, _, _, _ = tiny_exports["pruned"]
+    info = ox.export_onnx(ck, tmp_path / "full", n_tokens=4)
+    assert info["weights"] == "full trace" and info["parity"]["passed"]
+    assert info["parity"]["max_abs_logit_diff"] < 1e-4
 
 
 def test_bad_inputs_leave_nothing(tmp_path, tiny_exports, monkeypatch):

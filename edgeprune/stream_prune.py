@@ -1,0 +1,289 @@
+"""Streamed scoring and pruning: the layer-by-layer passes run on a ``StreamedModel`` (edgeprune.streaming), so
+the whole model is never resident. Peak memory: the embeddings, final norm and lm_head, one decoder layer, the
+calibration activations of one layer (inputs and outputs), and the statistics of one layer.
+
+- ``stream_score``: the activation statistics and Block Influence of ``collect_layer_stats`` layer by layer; the
+  same scores as ``score_model`` for every scorer without a gradient term.
+- The gradient (Taylor) term cannot come from a whole-model backward pass here. ``gradient`` chooses the
+  layer-local substitute: ``"lens"`` differentiates the logit-lens loss of the layer (cross-entropy of the next
+  tokens predicted from the layer's output through the final norm and lm_head; for the last layer this is the
+  exact gradient), ``"none"`` leaves the term out (PIEM keeps its weight and contextual terms). The default is
+  the measured choice (README "Streaming").
+- ``stream_apply``: cuts a plan into each layer (optionally with the least-squares refit of reconstruct.py, run
+  sequentially on the pruned layers' outputs as the in-memory refit is) and writes each pruned layer into its own
+  safetensors shard of the output checkpoint right away.
+- ``stream_prune``: rounds of score -> (Block Influence) sensitivity -> allocation -> plan -> pruned shards,
+  each round streaming the previous round's output; writes a checkpoint that ``load`` and plain transformers read.
+
+Not supported while streaming (a clear error): the ``loss`` and ``fisher`` sensitivities (whole-model passes or
+gradients) and distillation (``recover_steps``), which needs the student resident.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from edgeprune.errors import EdgePruneError
+from edgeprune.plan import PruningPlan, compose
+from edgeprune.reconstruct import _gram_of_input, _set, bias_only, refit
+from edgeprune.scoring.calibration import _run_layer, capture_layer0_inputs, collect_layer_stats
+from edgeprune.streaming import LayerShardWriter, StreamedModel, layer_state, release, write_config
+from edgeprune.surgery import _dims, cut_attention, cut_mlp
+
+GRADIENTS = ("lens", "none")
+DEFAULT_GRADIENT = "lens"  # measured: bench/stream_gradient.py, README "Scale"
+LENS_STRIDE = 8  # the logit-lens loss reads every 8th position (its lm_head products cost ~1/3 of a layer pass each)
+
+
+def _stream_scorer(scorer, gradient: str):
+    if gradient not in GRADIENTS:
+        raise EdgePruneError(f"unknown streamed gradient term '{gradient}'; choose from {', '.join(GRADIENTS)}")
+    if not scorer.needs_gradients or gradient == "lens":
+        return scorer
+    from edgeprune.scoring.scorers import PIEMScorer
+
+    if isinstance(scorer, PIEMScorer):
+        return PIEMScorer(scorer.alpha, 0.0, scorer.gamma, scorer.context)
+    raise EdgePruneError(f"the {scorer.name} scorer is all gradient: stream it with gradient='lens'")
+
+
+def _projections(layer) -> dict[str, torch.nn.Linear]:
+    out = {}
+    if layer.has_attention:
+        out.update(zip(("q", "k", "v", "o"), layer.attention_projections(), strict=True))
+    if layer.has_mlp:
+        out.update(zip(("gate", "up", "down"), layer.mlp_projections(), strict=True))
+    return out
+
+
+def lens_gradients(adapter, layer, inputs: list, batches: torch.Tensor, micro_batch: int,
+                   stride: int = LENS_STRIDE) -> dict:
+    """Sum over the calibration batches of dL/dW for the layer's projections, L the logit-lens loss of the layer
+    (mean next-token cross-entropy of lm_head(final_norm(layer output))) on every ``stride``-th position: the
+    lm_head products dominate the cost, once per layer. Keys as ``accumulate_gradients``."""
+    params = {f"{layer.index}.{k}": m.weight for k, m in _projections(layer).items()}
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    n_total = batches[:, 1::stride].numel()
+    try:
+        with torch.enable_grad():
+            for j, (hidden, kw) in enumerate(inputs):
+                ids = batches[j * micro_batch:(j + 1) * micro_batch]
+                out = _run_layer(layer.layer, hidden, kw)
+                logits = adapter.lm_head(adapter.final_norm(out[:, :-1][:, ::stride])).float()
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.size(-1)), ids[:, 1::stride].reshape(-1), reduction="sum") / n_total
+                loss.backward()
+                del logits, loss, out
+        return {k: p.grad.detach().clone() for k, p in params.items()}
+    finally:
+        for p in params.values():
+            p.grad = None
+            p.requires_grad_(False)
+
+
+def stream_score(sm: StreamedModel, scorer, batches: torch.Tensor, micro_batch: int = 8,
+                 gradient: str = DEFAULT_GRADIENT, block_stats: bool = False, compensation: dict | None = None,
+                 progress: bool = True):
+    """Score every unit of a streamed model (see the module docstring). Returns ``UnitScores``."""
+    from tqdm.auto import tqdm
+
+    from edgeprune.scoring.base import UnitScores, block_scores, outlier_ratio
+
+    start = time.perf_counter()
+    scorer = _stream_scorer(scorer, gradient)
+    need_stats = scorer.needs_activations or block_stats or compensation is not None
+    need_run = need_stats or scorer.needs_gradients
+    inputs = capture_layer0_inputs(sm.adapter, batches, micro_batch) if need_run else None
+    layers = []
+    for index in tqdm(range(len(sm.adapter.layers)), desc="streamed scoring", unit="layer",
+                      disable=not progress, leave=False):
+        with sm.layer(index) as layer:
+            grads = lens_gradients(sm.adapter, layer, inputs, batches, micro_batch) if scorer.needs_gradients \
+                else None
+            stats = None
+            if need_run:
+                stats, inputs = collect_layer_stats(layer, inputs)
+            with torch.no_grad():
+                s = scorer.score_layer(layer, stats if need_stats else None, grads)
+                if need_stats:
+                    s.blocks = block_scores(stats)
+                    s.blocks["outliers"] = outlier_ratio(layer, stats)
+            if compensation is not None:
+                compensation[layer.index] = {
+                    "attention": stats.attn_in.mean.float() if stats.attn_in is not None else None,
+                    "mlp": stats.mlp_in.mean.float() if stats.mlp_in is not None else None}
+        layers.append(s)
+    meta = {"scorer": scorer.describe(), "seconds": time.perf_counter() - start,
+            "calibration_shape": list(batches.shape), "streamed": True, "gradient": gradient}
+    return UnitScores(scorer.name, layers, meta)
+
+
+def reconstruct_layer(layer, lp, inputs: list, damp: float = 1e-3, mlp_weights: bool = False) -> None:
+    """One layer of reconstruct.apply_plan_reconstruct: cut the plan in, refitting o_proj (and down_proj's bias,
+    or its kept columns too with ``mlp_weights``) by least squares on ``inputs``."""
+    if layer.has_attention and len(lp.heads) < layer.num_heads:
+        o = layer.attention_projections()[3]
+        gram = _gram_of_input(layer.layer, o, inputs)
+        w, b = refit(o.weight.data, o.bias.data if o.bias is not None else None, gram,
+                     _dims(lp.heads, layer.head_dim), damp)
+        cut_attention(layer, lp, b)
+        if lp.kv_heads:
+            _set(layer.attention_projections()[3], w, b)
+    if layer.has_mlp and len(lp.channels) < layer.intermediate_size:
+        down = layer.mlp_projections()[2]
+        gram = _gram_of_input(layer.layer, down, inputs)
+        keep = torch.tensor(lp.channels, dtype=torch.long)
+        b0 = down.bias.data if down.bias is not None else None
+        if mlp_weights:
+            w, b = refit(down.weight.data, b0, gram, keep, damp)
+        else:
+            w, b = down.weight.data[:, keep], bias_only(down.weight.data, b0, gram, keep)
+        cut_mlp(layer, lp, b)
+        if lp.channels:
+            _set(layer.mlp_projections()[2], w, b)
+
+
+def _compensation(layer, lp, means: dict) -> tuple:
+    """prune.compensation_biases for one layer: the removed units' mean contribution."""
+    attn = mlp = None
+    if layer.has_attention and means.get("attention") is not None and len(lp.heads) < layer.num_heads:
+        o = layer.attention_projections()[3]
+        gone = _dims([h for h in range(layer.num_heads) if h not in set(lp.heads)], layer.head_dim)
+        attn = o.weight[:, gone] @ means["attention"][gone].to(o.weight.dtype)
+    if layer.has_mlp and means.get("mlp") is not None and len(lp.channels) < layer.intermediate_size:
+        down = layer.mlp_projections()[2]
+        keep = set(lp.channels)
+        gone = torch.tensor([c for c in range(layer.intermediate_size) if c not in keep], dtype=torch.long)
+        mlp = down.weight[:, gone] @ means["mlp"][gone].to(down.weight.dtype)
+    return attn, mlp
+
+
+def stream_apply(sm: StreamedModel, plan: PruningPlan, out: Path, batches: torch.Tensor | None = None,
+                 reconstruct: bool = False, damp: float = 1e-3, means: dict | None = None, micro_batch: int = 8,
+                 progress: bool = True) -> str:
+    """Cut ``plan`` into the streamed model layer by layer and write the result to the (existing, empty)
+    directory ``out`` as a sharded safetensors checkpoint with its config. Returns the config layout."""
+    from tqdm.auto import tqdm
+
+    plan.validate(sm.adapter)
+    if reconstruct and batches is None:
+        raise ValueError("the refit needs calibration batches")
+    layers = sm.adapter.layers
+    list_prefix = sm.prefix(layers[0].layer).rstrip(".").rsplit(".", 1)[0]  # "model.layers"
+    writer = LayerShardWriter(out, sum(not lp.drop for lp in plan.layers) + 1)
+    inputs = capture_layer0_inputs(sm.adapter, batches, micro_batch) if reconstruct else None
+    new_index = 0
+    for lp in tqdm(plan.layers, desc="streamed surgery", unit="layer", disable=not progress, leave=False):
+        if lp.drop:
+            continue
+        with sm.layer(lp.index) as layer, torch.no_grad():
+            if reconstruct:
+                reconstruct_layer(layer, lp, inputs, damp)
+                inputs = [(_run_layer(layer.layer, hidden, kw), kw) for hidden, kw in inputs]
+            else:
+                attn, mlp = _compensation(layer, lp, (means or {}).get(lp.index, {}))
+                cut_attention(layer, lp, attn)
+                cut_mlp(layer, lp, mlp)
+            writer.add(layer_state(layer.layer, f"{list_prefix}.{new_index}."))
+        new_index += 1
+    drops = [lp.index for lp in plan.layers if lp.drop]
+    if drops:
+        sm.adapter.drop_layers(drops)
+    params = dict(sm.model.named_parameters(remove_duplicate=False))
+    writer.add({name: params[name] for name in sm.resident_names()})
+    writer.finish()
+    return write_config(sm, out)
+
+
+def check_streamable(cfg) -> None:
+    if cfg.allocator == "lsps" and cfg.sensitivity != "bi":
+        raise EdgePruneError(f"streaming supports the bi sensitivity only (not '{cfg.sensitivity}': it needs "
+                             "whole-model passes)")
+    if cfg.recover_steps:
+        raise EdgePruneError("streaming cannot distill (recover-steps): distillation needs the model resident")
+
+
+def stream_prune(spec: str, cfg, calib, out_dir, dtype: str = "float32", gradient: str = DEFAULT_GRADIENT,
+                 progress: bool = True) -> dict:
+    """``prune_model`` + ``save_checkpoint`` for a model that need not fit in memory: every round streams the
+    previous round's checkpoint and writes the next. Returns the record (also in the output's manifest)."""
+    import resource
+
+    from edgeprune.allocation import allocate, unit_costs
+    from edgeprune.data import calibration_batches
+    from edgeprune.io import MANIFEST, atomic_dir, manifest, write_json
+    from edgeprune.models.info import param_counts
+    from edgeprune.scoring import make_scorer
+    from edgeprune.selection import build_plan
+    from edgeprune.sensitivity import measure
+    from edgeprune.streaming import source_dir
+
+    cfg.validate()
+    check_streamable(cfg)
+    src = source_dir(spec)
+    scorer = make_scorer(cfg.scorer, seed=cfg.seed, **cfg.scorer_options)
+    start = time.perf_counter()
+    with atomic_dir(Path(out_dir)) as tmp, tempfile.TemporaryDirectory(dir=Path(tmp).parent) as work:
+        sm = StreamedModel(src, dtype)
+        tokenizer = sm.tokenizer()
+        batches = calibration_batches(tokenizer, calib, cfg.n_samples, cfg.seq_len, cfg.seed)
+        before = param_counts(sm.adapter)
+        base = sum(c.prunable for c in unit_costs(sm.adapter))
+        plan, rounds = PruningPlan.identity(sm.adapter), []
+        for r in range(1, cfg.rounds + 1):
+            now = sum(c.prunable for c in unit_costs(sm.adapter))
+            round_ratio = min(max(0.0, (cfg.ratio * base * r / cfg.rounds - (base - now)) / now), 0.999)
+            means = {} if cfg.bias_compensation and not cfg.reconstruct else None
+            blocks = cfg.allocator in ("depth", "owl") or cfg.allocator == "lsps"
+            scores = stream_score(sm, scorer, batches, gradient=gradient, block_stats=blocks,
+                                  compensation=means, progress=progress)
+            sens = measure("bi", sm.adapter, scores, batches) if cfg.allocator == "lsps" else None
+            options = {}
+            if cfg.allocator == "lsps":
+                options = {"tau": cfg.tau, "min_ratio": min(cfg.min_module_ratio, round_ratio),
+                           "max_ratio": max(cfg.max_module_ratio, round_ratio)}
+            alloc = allocate(cfg.allocator, sm.adapter, round_ratio, scores=scores, sensitivities=sens,
+                             attn_unit=cfg.attn_unit, round_to=cfg.round_to, **options)
+            step = build_plan(sm.adapter, scores, alloc)
+            dest = Path(tmp) if r == cfg.rounds else Path(work) / f"round{r}"
+            dest.mkdir(exist_ok=True)
+            layout = stream_apply(sm, step, dest, batches, reconstruct=cfg.reconstruct, damp=cfg.damp,
+                                  means=means, progress=progress)
+            plan = compose(plan, step)
+            rounds.append({"round": r, "ratio_of_current": round_ratio, "allocation": alloc.to_dict(),
+                           "sensitivity": [s.to_dict() for s in sens] if sens else None,
+                           "block_influence": [s.blocks for s in scores.layers],
+                           "scoring_seconds": scores.meta["seconds"]})
+            shapes = [s.to_dict() for s in sm.adapter.shapes()]
+            after = param_counts(sm.adapter)
+            if r < cfg.rounds:
+                sm = StreamedModel(dest, dtype)
+        plan.meta.update({"scorer": scorer.describe(), "allocator": cfg.allocator, "ratio": cfg.ratio,
+                          "rounds": cfg.rounds, "attn_unit": cfg.attn_unit, "round_to": cfg.round_to,
+                          "streamed": {"dtype": dtype, "gradient": gradient}})
+        record = {
+            "config": asdict(cfg),
+            "calibration": {"text": calib.name, "sha256": calib.sha256, "n_samples": cfg.n_samples,
+                            "seq_len": cfg.seq_len, "seed": cfg.seed},
+            "plan": plan.to_dict(), "layer_shapes": shapes, "rounds": rounds, "recovery": None,
+            "params_before": before, "params_after": after,
+            "decoder_reduction": 1 - after["decoder_layers"] / before["decoder_layers"],
+            "total_reduction": 1 - after["total"] / before["total"],
+            "seconds": time.perf_counter() - start,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        tokenizer.save_pretrained(tmp)
+        gen = src / "generation_config.json"
+        if gen.is_file():
+            (Path(tmp) / gen.name).write_text(gen.read_text())
+        write_json(Path(tmp) / MANIFEST, manifest("pruned-checkpoint", layout=layout, source_model=spec,
+                                                  source=str(src), **record))
+    release(sm.model)
+    return record

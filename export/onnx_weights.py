@@ -1,0 +1,106 @@
+"""Weights of a traced ONNX graph, written one tensor at a time into external data.
+
+torch's TorchScript exporter builds the whole ModelProto with every weight inside it and then serialises it: the
+torch model, the constant-folded (transposed) copy of every linear weight, the C++ proto and its serialised bytes
+were resident together (5.5x the float32 weights for SmolLM2-135M, see README "Export at scale"). The exporter can
+trace without parameters (``export_params=False``): the graph then takes every weight as a graph input, named
+either by its state-dict name (norms, embeddings, biases) or, for a constant-folded ``W^T`` that feeds a MatMul,
+``onnx::MatMul_N`` with the MatMul node named after the module (``/model/model/layers.0/self_attn/q_proj/MatMul``).
+``attach_weights`` resolves each such input to its torch tensor, writes the tensors in turn to ``<model>.data``
+and turns the inputs into external-data initializers, so besides the torch model only one tensor is in flight.
+
+It does not trace, quantize or decide the final single-file/external-data layout (export/onnx.py does), and
+raises ``UnresolvedWeight`` for a graph input it cannot map (the caller falls back to a full trace).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ALIGN = 4096  # offsets aligned as onnx's own external-data writer does for mmap-friendly reads
+
+
+class UnresolvedWeight(Exception):
+    """A graph input that is neither a declared model input nor a resolvable weight."""
+
+
+def _shape(value_info) -> list[int]:
+    return [d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def _resolve(state: dict, root, name: str, consumers: list) -> object:
+    """The torch tensor a weight input stands for (a transposed view for a folded MatMul weight)."""
+    if name in state:
+        return state[name]
+    matmuls = [n for n in consumers if n.op_type == "MatMul" and n.input[1] == name]
+    if matmuls and len(matmuls) == len(consumers):
+        paths = {m.name.strip("/").rsplit("/", 1)[0].replace("/", ".") for m in matmuls}
+        if len(paths) == 1:
+            try:
+                return root.get_submodule(paths.pop()).weight.t()
+            except AttributeError:
+                pass
+    raise UnresolvedWeight(name)
+
+
+def attach_weights(proto, root, path: Path, n_inputs: int) -> dict:
+    """Move graph inputs after the first ``n_inputs`` (the model's real inputs) into initializers whose data is
+    written tensor by tensor from ``root`` (the traced torch module) to ``path.data``; save the graph to ``path``.
+    Returns {"weight_bytes", "tensors"}."""
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import TensorProto, helper
+
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    graph = proto.graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for x in node.input:
+            consumers.setdefault(x, []).append(node)
+    weights = list(graph.input[n_inputs:])
+    state = dict(root.named_parameters(remove_duplicate=False)) | dict(root.named_buffers())
+    sources = {vi.name: _resolve(state, root, vi.name, consumers.get(vi.name, [])) for vi in weights}
+    offset = 0
+    inits = []
+    with open(data, "wb") as f, torch.no_grad():
+        for vi in weights:
+            t = sources[vi.name]
+            if list(t.shape) != _shape(vi):
+                raise UnresolvedWeight(f"{vi.name}: graph shape {_shape(vi)}, tensor {list(t.shape)}")
+            dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+            arr = np.ascontiguousarray(t.detach().to(torch.float32).cpu().numpy().astype(dtype, copy=False))
+            pad = -offset % ALIGN
+            f.write(b"\0" * pad)
+            offset += pad
+            f.write(arr.tobytes())
+            init = TensorProto(name=vi.name, data_type=vi.type.tensor_type.elem_type, dims=arr.shape,
+                               data_location=TensorProto.EXTERNAL)
+            for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(arr.nbytes))):
+                init.external_data.add(key=k, value=v)
+            inits.append(init)
+            offset += arr.nbytes
+            del arr
+    del graph.input[n_inputs:]
+    graph.initializer.extend(inits)
+    onnx.save_model(proto, str(path))
+    return {"weight_bytes": offset, "tensors": len(inits)}
+
+
+def load_tensor(tensor, base_dir: Path):
+    """One initializer as a numpy array, reading only its own bytes when it lives in external data."""
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(tensor, base_dir=str(base_dir))
+
+
+def internalise(tensor, base_dir: Path) -> None:
+    """Read an external-data initializer's bytes into the proto (for a graph saved without its data file)."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    if uses_external_data(tensor):
+        load_external_data_for_tensor(tensor, str(base_dir))
+        tensor.data_location = TensorProto.DEFAULT
+        del tensor.external_data[:]
