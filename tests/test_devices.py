@@ -198,7 +198,9 @@ def test_plain_script_profiler_is_torch_free(artifacts, tmp_path, fmt):
     itself unimportable (what a device with only the device-side requirements has)."""
     code = tmp_path / "edgeprune_device"
     code.mkdir()
-    for name in ("profiler.py", "ort_generate.py", "llama_generate.py", "bundle.py"):
+    from edgeprune.devices.ship import CODE_FILES
+
+    for name in CODE_FILES:
         shutil.copy2(DEVICES / name, code / name)
     p = subprocess.run([sys.executable, "-B", "-c", BLOCKER, str(code / "profiler.py"), str(artifacts[fmt]),
                         *QUICK, "--memory-budget", "auto", "--json", str(tmp_path / "out.json")],
