@@ -126,3 +126,12 @@ def greedy_on(artifact, device: str | DeviceProfile, host: str | None = None, *,
         raise EdgePruneError(f"greedy.py on {remote.label} printed no JSON: {out[-200:]!r}") from None
     result["ship"] = s
     return result
+
+
+def measured_on(doc: dict) -> dict:
+    """Which machine measured a profile JSON (local or shipped): what a pipeline stage result carries and the
+    report prints next to the timings."""
+    m = doc.get("machine") or {}
+    return {"host": (doc.get("ship") or {}).get("host"), "arch": doc.get("arch") or m.get("arch"),
+            "emulated": bool(doc.get("emulated", m.get("emulated"))), "cpu_model": m.get("cpu_model"),
+            "board": m.get("board"), "device_profile": doc.get("device")}

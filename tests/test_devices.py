@@ -272,3 +272,29 @@ def test_ship_rejects_before_connecting(artifacts, args, needle):
     p = cli("ship", str(artifacts["gguf"]), *args)
     assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert "connecting" not in p.stderr and time.perf_counter() - start < 60
+
+
+def test_emulation_detection_and_report_label(monkeypatch):
+    from edgeprune.devices import emulation, remote
+
+    from edgeprune.report import _measured_on_notes
+
+    here = emulation.detect()
+    assert here["emulated"] is False and here["evidence"] == []  # this host runs natively
+    # an aarch64 process that sees an x86 kernel's cpuinfo is emulated, whatever the environment says
+    monkeypatch.setattr(emulation.platform, "machine", lambda: "aarch64")
+    monkeypatch.setenv("EDGEPRUNE_EMULATOR", "")
+    got = emulation.detect()
+    assert got["emulated"] and got["evidence"][0].startswith("cpuinfo: /proc/cpuinfo describes an x86 CPU")
+    assert emulation._cpuinfo_arch("processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd\n"
+                                   "CPU implementer\t: 0x41\nCPU architecture: 8\n") == "arm"
+    doc = {"device": "rpi5", "arch": "aarch64", "emulated": True, "ship": {"host": "pi@127.0.0.1:2222"},
+           "machine": {"arch": "aarch64", "cpu_model": "AMD EPYC", "board": None}}
+    m = remote.measured_on(doc)
+    assert m == {"host": "pi@127.0.0.1:2222", "arch": "aarch64", "emulated": True, "cpu_model": "AMD EPYC",
+                 "board": None, "device_profile": "rpi5"}
+    notes = _measured_on_notes([{"variant": "pruned", "format": "gguf", "dtype": "q8_0", "measured_on": m},
+                                {"variant": "pruned", "format": "onnx", "dtype": "int8",
+                                 "measured_on": {**m, "host": None, "arch": "x86_64", "emulated": False}}])
+    assert len(notes) == 2 and "EMULATED" in notes[0] and "not device timings" in notes[0]
+    assert "pruned gguf q8_0" in notes[0] and "this host (x86_64" in notes[1] and "EMULATED" not in notes[1]
