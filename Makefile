@@ -56,7 +56,9 @@ demo: install
 	$(BIN)/edgeprune info $(MODEL)
 	$(BIN)/edgeprune run demo --model $(MODEL) --out $(DEMO_DIR)
 
-test: install
+# DEVICE_SIM=1: build the emulated aarch64 device first (README "Devices": not by default, a fresh machine pays
+# 10-40 min for it); without it the aarch64 tests use the cached device or skip and say why.
+test: install $(if $(DEVICE_SIM),device-sim)
 	$(BIN)/ruff check edgeprune export devices tests bench
 	$(BIN)/pytest -q
 

@@ -299,3 +299,28 @@ def test_emulation_detection_and_report_label(monkeypatch):
                                  "measured_on": {**m, "host": None, "arch": "x86_64", "emulated": False}}])
     assert len(notes) == 2 and "EMULATED" in notes[0] and "not device timings" in notes[0]
     assert "pruned gguf q8_0" in notes[0] and "this host (x86_64" in notes[1] and "EMULATED" not in notes[1]
+
+
+def _cuda_reason() -> str | None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return ("no CUDA here (onnxruntime has no CUDAExecutionProvider): the Jetson path (CUDA/TensorRT providers, "
+                "llama.cpp CUDA with n_gpu_layers) is not verified in this environment")
+    return None
+
+
+@pytest.mark.skipif(_cuda_reason() is not None, reason=_cuda_reason() or "")
+def test_jetson_profile_uses_cuda(artifacts):
+    """Where a GPU and CUDA builds are installed: the Jetson profile's provider list selects CUDA (TensorRT first
+    when present) and llama.cpp offloads every layer."""
+    import llama_cpp
+
+    prof = profiles.load("jetson-orin-nano")
+    doc = profiler.profile(artifacts["onnx"], device=prof.name, providers=prof.onnx_providers, threads=1,
+                           prompt_lengths=[8], new_tokens=4, warmup=0, repeats=1, quiet=True)
+    assert doc["runtime"]["execution_provider"] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+    if llama_cpp.llama_supports_gpu_offload():
+        doc = profiler.profile(artifacts["gguf"], device=prof.name, n_gpu_layers=prof.n_gpu_layers, threads=1,
+                               prompt_lengths=[8], new_tokens=4, warmup=0, repeats=1, quiet=True)
+        assert doc["runtime"]["execution_provider"] == "llama.cpp GPU" and doc["runtime"]["n_gpu_layers"] == -1
