@@ -441,8 +441,8 @@ def summary(doc: dict) -> list[str]:
     a, r, m = doc["artifact"], doc["runtime"], doc["memory"]
     lines = [f"{a['name']} ({a['format']} {a.get('dtype') or ''}, {a['size_bytes'] / 2**20:.1f} MiB) on "
              f"{doc.get('device') or 'this machine'}: {doc['machine'].get('cpu_model')} "
-             f"[{doc.get('arch') or doc['machine'].get('arch')}"
-             f"{', EMULATED: not device timings' if doc.get('emulated') else ''}], {r['name']} "
+             f"({doc.get('arch') or doc['machine'].get('arch')}"
+             f"{'; EMULATED: not device timings' if doc.get('emulated') else ''}), {r['name']} "
              f"{r.get('version')} ({r['execution_provider']}, threads {r.get('threads')})",
              f"load {doc['load_s']:.2f} s, peak RSS {m['peak_rss_mb']} MiB"]
     for row in doc["prefill"]:
