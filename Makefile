@@ -14,7 +14,7 @@ MODEL ?= default
 DATA ?= ../shared/data
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint bench-baseline check-optimum clean system-deps device-artifact
+.PHONY: install demo test lint bench-baseline check-optimum clean system-deps device-artifact device-sim
 
 install: $(STAMP) system-deps
 
@@ -59,7 +59,9 @@ demo: install
 	$(BIN)/edgeprune info $(MODEL)
 	$(BIN)/edgeprune run demo --model $(MODEL) --out $(DEMO_DIR)
 
-test: install
+# DEVICE_SIM=1: build the emulated aarch64 device first (README "Devices": not by default, a fresh machine pays
+# 10-40 min for it); without it the aarch64 tests use the cached device or skip and say why.
+test: install $(if $(DEVICE_SIM),device-sim)
 	$(BIN)/ruff check edgeprune export devices tests bench
 	$(BIN)/pytest -q
 
@@ -103,6 +105,19 @@ profile-%: device-artifact
 
 ship-%: device-artifact
 	$(BIN)/edgeprune ship $(ARTIFACT) --device $(device_name) $(SSH_ARGS) $(PROFILE_ARGS) --json $(profile_json)
+
+# ---- the emulated aarch64 device (README "Devices"): Debian arm64 + PyPI's aarch64 wheels + llama.cpp cross-compiled,
+# run under qemu-user. Built once per machine into ~/.cache/edgeprune/aarch64 (keyed by versions); a rebuild with
+# nothing changed does nothing. Its python for `edgeprune ship --python`: `$(BIN)/python -m edgeprune.devices.sim python`.
+DEVICE_SIM_DEBS := qemu-user-static debootstrap gcc-aarch64-linux-gnu g++-aarch64-linux-gnu cmake
+device-sim: install
+	@command -v qemu-aarch64-static >/dev/null && command -v debootstrap >/dev/null && \
+	  command -v aarch64-linux-gnu-g++ >/dev/null && command -v cmake >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	  echo "installing $(DEVICE_SIM_DEBS) with apt-get"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    --no-install-recommends $(DEVICE_SIM_DEBS) >/dev/null; }
+	$(BIN)/python -m edgeprune.devices.sim build
 
 clean:
 	rm -rf $(VENV) build *.egg-info

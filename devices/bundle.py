@@ -177,7 +177,20 @@ def op_recheck(p: dict) -> dict:
     return {"ok": False, **result}
 
 
-OPS = {"status": op_status, "finalize": op_finalize, "recheck": op_recheck}
+def op_probe(p: dict) -> dict:
+    """What a device setup needs to know: the interpreter, its platform (for the wheels) and which of the
+    modules in ``p["modules"]`` it already has."""
+    import importlib.util
+    import platform
+
+    libc, libc_version = platform.libc_ver()
+    return {"python": sys.version.split()[0], "implementation": sys.implementation.name,
+            "machine": platform.machine(), "system": platform.system(), "libc": libc, "libc_version": libc_version,
+            "executable": sys.executable, "cwd": os.getcwd(), "rsync": shutil.which("rsync") is not None,
+            "venv": importlib.util.find_spec("venv") is not None, "modules": _modules(p.get("modules", ()))}
+
+
+OPS = {"status": op_status, "finalize": op_finalize, "recheck": op_recheck, "probe": op_probe}
 
 
 def main(argv) -> int:
@@ -195,7 +208,7 @@ def main(argv) -> int:
     if len(argv) == 2 and argv[0] in OPS:
         print(json.dumps(OPS[argv[0]](json.loads(argv[1]))))
         return 0
-    print("usage: bundle.py verify BUNDLE_DIR   (or: bundle.py status|finalize|recheck JSON)", file=sys.stderr)
+    print("usage: bundle.py verify BUNDLE_DIR   (or: bundle.py status|finalize|recheck|probe JSON)", file=sys.stderr)
     return 2
 
 

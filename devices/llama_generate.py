@@ -137,11 +137,15 @@ class LlamaGenerator:
             return "llama.cpp GPU"
         return "llama.cpp CPU"
 
-    def _argmax(self) -> int:
+    def logits(self):
+        """The logits of the last evaluated position (a numpy view of llama.cpp's buffer: copy to keep)."""
         import numpy as np
 
         ptr = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def _argmax(self) -> int:
+        return int(self.logits().argmax())
 
     def prefill(self, ids: Sequence[int]) -> int:
         """Evaluate a prompt from an empty cache; returns the greedy next token."""

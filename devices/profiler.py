@@ -248,8 +248,10 @@ def machine_info() -> dict:
         freq = round(f.max or f.current) if f else None
     except (OSError, NotImplementedError, AttributeError):
         pass
+    emulation = _sibling("emulation").detect()
     return {"cpu_model": _cpu_model(), "board": _first_line_of("/proc/device-tree/model"),
-            "arch": platform.machine(), "physical_cores": psutil.cpu_count(logical=False),
+            "arch": platform.machine(), "emulated": emulation["emulated"], "emulation": emulation,
+            "physical_cores": psutil.cpu_count(logical=False),
             "logical_cores": psutil.cpu_count(logical=True), "cpu_max_mhz": freq,
             "memory_total_mb": round(vm.total / MiB), "memory_available_mb": round(vm.available / MiB),
             "os": platform.platform(), "os_release": _os_release(), "python": platform.python_version(),
@@ -573,6 +575,9 @@ def profile(artifact, *, device: str | None = None, threads=None, providers=None
     if max(loads) > 0.75 * cores:
         warnings.append(f"the machine was busy (load average up to {max(loads):.1f} on {cores} cores): the "
                         f"timings include contention with other processes")
+    if machine["emulated"]:
+        warnings.append(f"EMULATED: measured under {machine['emulation']['emulator']}; these timings are not "
+                        f"{machine['arch']} device timings (only functional results carry over)")
     if skipped:
         warnings.append(f"prompt lengths {skipped} exceed the model's context of {limit} tokens and were skipped")
     runtime = backend.describe()
@@ -582,6 +587,8 @@ def profile(artifact, *, device: str | None = None, threads=None, providers=None
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "device": device,
+        "arch": machine["arch"],
+        "emulated": machine["emulated"],  # True: timings from an emulator, not from the device
         "artifact": info,
         "machine": machine,
         "runtime": runtime,

@@ -34,7 +34,7 @@ from edgeprune.devices.profiles import DeviceProfile
 from edgeprune.errors import EdgePruneError
 
 DEVICE_DIR = Path(__file__).resolve().parent
-CODE_FILES = ("profiler.py", "ort_generate.py", "llama_generate.py", "bundle.py")
+CODE_FILES = ("profiler.py", "ort_generate.py", "llama_generate.py", "bundle.py", "emulation.py", "greedy.py")
 DEVICE_REQUIREMENTS = {
     "gguf": "numpy\npsutil\nllama-cpp-python  # CUDA build on Jetson: CMAKE_ARGS=-DGGML_CUDA=on\n",
     "onnx": "numpy\npsutil\ntokenizers\nonnxruntime  # onnxruntime-gpu (NVIDIA's Jetson wheel) on Jetson\n",
@@ -285,6 +285,48 @@ class Shipper:
         except (ValueError, IndexError):
             raise EdgePruneError(f"bundle {op} on {self.remote.label} returned no result: {out[-200:]!r}") from None
 
+    def pick_transport(self, transport: str, status: dict) -> str:
+        if transport == "auto":
+            return "rsync" if status["rsync"] and shutil.which("rsync") else "scp"
+        if transport == "rsync" and not (status["rsync"] and shutil.which("rsync")):
+            raise EdgePruneError(f"rsync is missing {'on ' + self.remote.label if not status['rsync'] else 'here'}; "
+                                 f"use --transport scp")
+        return transport
+
+    def transfer(self, params: dict, manifest: dict, sources: dict, manifest_file: Path, status: dict,
+                 transport: str, bwlimit: int | None) -> tuple[list, list, bool]:
+        """Make the bundle ``params["final"]`` complete on the device: re-verify it when it is there, else upload
+        the files the staging directory lacks and have the device verify every checksum before the rename.
+        Returns (uploaded, reused, rechecked)."""
+        log, label, name = self.log, self.remote.label, params["final"].rsplit("/", 1)[-1]
+        uploaded, reused, rechecked = [], [], False
+        if status["complete"]:
+            check = self.agent("recheck", params)
+            rechecked = True
+            if check["ok"]:
+                log(f"bundle {name} is already on {label}; checksums verified there")
+                return [], sorted(manifest["files"]), True
+            log(f"bundle on {label} changed ({', '.join(check['missing'] + check['bad'])}); re-uploading")
+            status = self.agent("status", params)
+        have = set(status["have"])
+        need = [rel for rel in manifest["files"] if rel not in have]
+        reused = sorted(have)
+        size = sum(manifest["files"][r]["size"] for r in need)
+        staging = params["staging"]
+        log(f"uploading {len(need)} of {len(manifest['files'])} files ({size / 2**20:.1f} MiB) to "
+            f"{label}:{staging} with {transport}" + (f" ({len(have)} already there)" if have else ""))
+        pairs = [(sources[rel], f"{staging}/{rel.rsplit('/', 1)[0]}" if "/" in rel else staging) for rel in need]
+        pairs.append((manifest_file, staging))
+        self.upload(pairs, transport, bwlimit)
+        uploaded = need
+        result = self.agent("finalize", params)
+        if not result["ok"]:
+            bad = result.get("error") or ", ".join(result.get("bad", []) + result.get("missing", []))
+            raise EdgePruneError(f"checksum verification failed on {label}: {bad}; the bundle stays "
+                                 f"incomplete, rerun to upload the bad files again")
+        log(f"verified {result['verified']} files on {label}: {params['final']}")
+        return uploaded, reused, rechecked
+
     def upload(self, files: list[tuple[Path, str]], transport: str, bwlimit: int | None) -> None:
         """``files``: (local file, remote directory) pairs; each file keeps its name."""
         by_dir: dict[str, list[Path]] = {}
@@ -363,38 +405,9 @@ def ship(artifact: Path, profile: DeviceProfile, remote: Remote, *, python: str 
             raise EdgePruneError(f"{remote.label} ({sh.python}, Python {status['python']}) lacks {', '.join(missing)} "
                                  f"needed to profile {fmt}: pip install {pip} (the device-side install is in the "
                                  f"README)")
-        if transport == "auto":
-            transport = "rsync" if status["rsync"] and shutil.which("rsync") else "scp"
-        elif transport == "rsync" and not (status["rsync"] and shutil.which("rsync")):
-            raise EdgePruneError(f"rsync is missing {'on ' + remote.label if not status['rsync'] else 'here'}; "
-                                 f"use --transport scp")
-        uploaded, reused, rechecked = [], [], False
-        if status["complete"]:
-            check = sh.agent("recheck", params)
-            rechecked = True
-            if check["ok"]:
-                reused = sorted(manifest["files"])
-                log(f"bundle {name}-{bid[:12]} is already on {remote.label}; checksums verified there")
-            else:
-                log(f"bundle on {remote.label} changed ({', '.join(check['missing'] + check['bad'])}); re-uploading")
-                status = sh.agent("status", params)
-        if not reused:
-            have = set(status["have"])
-            need = [rel for rel in manifest["files"] if rel not in have]
-            reused = sorted(have)
-            size = sum(manifest["files"][r]["size"] for r in need)
-            log(f"uploading {len(need)} of {len(manifest['files'])} files ({size / 2**20:.1f} MiB) to "
-                f"{remote.label}:{staging} with {transport}" + (f" ({len(have)} already there)" if have else ""))
-            pairs = [(sources[rel], f"{staging}/{rel.rsplit('/', 1)[0]}") for rel in need]
-            pairs.append((tmp / bundle.MANIFEST, staging))
-            sh.upload(pairs, transport, bwlimit)
-            uploaded = need
-            result = sh.agent("finalize", params)
-            if not result["ok"]:
-                bad = result.get("error") or ", ".join(result.get("bad", []) + result.get("missing", []))
-                raise EdgePruneError(f"checksum verification failed on {remote.label}: {bad}; the bundle stays "
-                                     f"incomplete, rerun to upload the bad files again")
-            log(f"verified {result['verified']} files on {remote.label}: {final}")
+        transport = sh.pick_transport(transport, status)
+        uploaded, reused, rechecked = sh.transfer(params, manifest, sources, tmp / bundle.MANIFEST, status,
+                                                  transport, bwlimit)
     home = status["cwd"].rstrip("/")
     final_abs = final if final.startswith("/") else f"{home}/{final}"
     info = {"host": remote.label, "bundle_id": bid, "bundle": final_abs, "transport": transport,
@@ -427,7 +440,9 @@ def summary(doc: dict) -> list[str]:
     """Human-readable lines of a profile document."""
     a, r, m = doc["artifact"], doc["runtime"], doc["memory"]
     lines = [f"{a['name']} ({a['format']} {a.get('dtype') or ''}, {a['size_bytes'] / 2**20:.1f} MiB) on "
-             f"{doc.get('device') or 'this machine'}: {doc['machine'].get('cpu_model')}, {r['name']} "
+             f"{doc.get('device') or 'this machine'}: {doc['machine'].get('cpu_model')} "
+             f"({doc.get('arch') or doc['machine'].get('arch')}"
+             f"{'; EMULATED: not device timings' if doc.get('emulated') else ''}), {r['name']} "
              f"{r.get('version')} ({r['execution_provider']}, threads {r.get('threads')})",
              f"load {doc['load_s']:.2f} s, peak RSS {m['peak_rss_mb']} MiB"]
     for row in doc["prefill"]:

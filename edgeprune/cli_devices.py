@@ -13,6 +13,7 @@ from rich.table import Table
 from edgeprune.cli_app import JsonOpt, out, write_result
 from edgeprune.cli_options import config_options
 from edgeprune.config import option
+from edgeprune.errors import EdgePruneError
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="device profile name (see `edgeprune devices`) or a .toml")]
 ProfileFileOpt = Annotated[Path | None, typer.Option("--profile-file", help="a device profile TOML file (overrides "
@@ -88,6 +89,12 @@ def ship_cmd(
     transport: Annotated[str, typer.Option(help="auto (rsync when both ends have it) | rsync | scp")] = "auto",
     bwlimit: Annotated[int | None, typer.Option(help="upload bandwidth limit, KiB/s")] = None,
     no_profile: Annotated[bool, typer.Option("--no-profile", help="copy and verify only")] = False,
+    setup: Annotated[bool, typer.Option("--setup", help="first set the device up: install the runtimes for this "
+                                        "artifact, offline, from wheels downloaded here for the device's platform, "
+                                        "into DIR/env (venv, or a site directory); then use DIR/env/python")] = False,
+    wheel: Annotated[list[Path] | None, typer.Option("--wheel", help="with --setup: a wheel built for the device to "
+                                                     "install too (llama-cpp-python has none on PyPI); repeatable")
+                     ] = None,
     timeout: Annotated[float, typer.Option(help="seconds the profiler may run on the device")] = 3600,
     profile_file: ProfileFileOpt = None,
     quiet: QuietOpt = False,
@@ -96,9 +103,13 @@ def ship_cmd(
     """Copy an artifact bundle (artifact, tokenizer, device code, sha256 manifest) to a device over SSH, verify it
     there, run the profiler there and bring the JSON back. Interrupted uploads resume on the next run."""
     from edgeprune.devices import profiles, ship
+    from edgeprune.devices.remote import prepare
 
     prof = profiles.load(device, profile_file)
     remote = ship.resolve_remote(prof, host, port, key, known_hosts, connect_timeout)
+    if wheel and not setup:
+        raise EdgePruneError("--wheel goes with --setup (it is installed on the device by the setup)")
+    python = prepare(artifact, prof, remote, python, remote_dir, setup, wheel or [], quiet, transport)
     doc = ship.ship(artifact, prof, remote, python=python, remote_dir=remote_dir, transport=transport,
                     bwlimit=bwlimit, run_profile=not no_profile, timeout=timeout, quiet=quiet,
                     overrides=asdict(overrides))

@@ -125,7 +125,8 @@ def collect(run_dir: str | Path) -> dict:
         prof = res.get(StageId("profile", v, fmt, dtype).name)
         if prof:
             row.update(ttft_ms=prof.get("ttft_ms"), decode_tokens_per_s=prof.get("decode_tokens_per_s"),
-                       peak_rss_mib=prof.get("peak_rss_mib"), device=prof.get("device"))
+                       peak_rss_mib=prof.get("peak_rss_mib"), device=prof.get("device"),
+                       measured_on=prof.get("measured_on"))
         artifacts.append(row)
     order = {"baseline": 0, "pruned": 1}
     artifacts.sort(key=lambda a: (a["format"], a["dtype"], order[a["variant"]]))
@@ -303,10 +304,26 @@ def _notes(data: dict) -> list[str]:
     if data.get("device"):
         notes.append(f"Latency and memory: device profile '{data['device']}'; TTFT = prompt submitted to first "
                      "token, decode tok/s = steady-state generation, peak RSS of the profiling process.")
+    notes += _measured_on_notes(data.get("artifacts", []))
     v = data.get("versions") or {}
     if v:
         notes.append("Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + ".")
     return notes
+
+
+def _measured_on_notes(artifacts: list[dict]) -> list[str]:
+    """Which machine measured each profile (``measured_on``: edgeprune.devices.remote.measured_on); emulated
+    timings are said to be no device timings."""
+    machines: dict[str, list[str]] = {}
+    for a in artifacts:
+        m = a.get("measured_on")
+        if m:
+            where = (f"{m.get('host') or 'this host'} ({m.get('arch')}, {m.get('cpu_model') or 'unknown CPU'}"
+                     + (f", {m['board']}" if m.get("board") else "") + ")")
+            if m.get("emulated"):
+                where += " — EMULATED (qemu-user): functional results only, these timings are not device timings"
+            machines.setdefault(where, []).append(f"{a['variant']} {a['format']} {a['dtype']}")
+    return [f"Profiles measured on {w}: {', '.join(names)}." for w, names in machines.items()]
 
 
 def render_markdown(data: dict, plots: dict[str, str] | None = None) -> str:

@@ -198,7 +198,9 @@ def test_plain_script_profiler_is_torch_free(artifacts, tmp_path, fmt):
     itself unimportable (what a device with only the device-side requirements has)."""
     code = tmp_path / "edgeprune_device"
     code.mkdir()
-    for name in ("profiler.py", "ort_generate.py", "llama_generate.py", "bundle.py"):
+    from edgeprune.devices.ship import CODE_FILES
+
+    for name in CODE_FILES:
         shutil.copy2(DEVICES / name, code / name)
     p = subprocess.run([sys.executable, "-B", "-c", BLOCKER, str(code / "profiler.py"), str(artifacts[fmt]),
                         *QUICK, "--memory-budget", "auto", "--json", str(tmp_path / "out.json")],
@@ -270,3 +272,55 @@ def test_ship_rejects_before_connecting(artifacts, args, needle):
     p = cli("ship", str(artifacts["gguf"]), *args)
     assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert "connecting" not in p.stderr and time.perf_counter() - start < 60
+
+
+def test_emulation_detection_and_report_label(monkeypatch):
+    from edgeprune.devices import emulation, remote
+
+    from edgeprune.report import _measured_on_notes
+
+    here = emulation.detect()
+    assert here["emulated"] is False and here["evidence"] == []  # this host runs natively
+    # an aarch64 process that sees an x86 kernel's cpuinfo is emulated, whatever the environment says
+    monkeypatch.setattr(emulation.platform, "machine", lambda: "aarch64")
+    monkeypatch.setenv("EDGEPRUNE_EMULATOR", "")
+    got = emulation.detect()
+    assert got["emulated"] and got["marker"] is None
+    assert {e.split(":")[0] for e in got["evidence"]} == {"kernel", "cpuinfo"}  # x86_64 kernel, x86 cpuinfo
+    assert emulation._cpuinfo_arch("processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd\n"
+                                   "CPU implementer\t: 0x41\nCPU architecture: 8\n") == "arm"
+    doc = {"device": "rpi5", "arch": "aarch64", "emulated": True, "ship": {"host": "pi@127.0.0.1:2222"},
+           "machine": {"arch": "aarch64", "cpu_model": "AMD EPYC", "board": None}}
+    m = remote.measured_on(doc)
+    assert m == {"host": "pi@127.0.0.1:2222", "arch": "aarch64", "emulated": True, "cpu_model": "AMD EPYC",
+                 "board": None, "device_profile": "rpi5"}
+    notes = _measured_on_notes([{"variant": "pruned", "format": "gguf", "dtype": "q8_0", "measured_on": m},
+                                {"variant": "pruned", "format": "onnx", "dtype": "int8",
+                                 "measured_on": {**m, "host": None, "arch": "x86_64", "emulated": False}}])
+    assert len(notes) == 2 and "EMULATED" in notes[0] and "not device timings" in notes[0]
+    assert "pruned gguf q8_0" in notes[0] and "this host (x86_64" in notes[1] and "EMULATED" not in notes[1]
+
+
+def _cuda_reason() -> str | None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return ("no CUDA here (onnxruntime has no CUDAExecutionProvider): the Jetson path (CUDA/TensorRT providers, "
+                "llama.cpp CUDA with n_gpu_layers) is not verified in this environment")
+    return None
+
+
+@pytest.mark.skipif(_cuda_reason() is not None, reason=_cuda_reason() or "")
+def test_jetson_profile_uses_cuda(artifacts):
+    """Where a GPU and CUDA builds are installed: the Jetson profile's provider list selects CUDA (TensorRT first
+    when present) and llama.cpp offloads every layer."""
+    import llama_cpp
+
+    prof = profiles.load("jetson-orin-nano")
+    doc = profiler.profile(artifacts["onnx"], device=prof.name, providers=prof.onnx_providers, threads=1,
+                           prompt_lengths=[8], new_tokens=4, warmup=0, repeats=1, quiet=True)
+    assert doc["runtime"]["execution_provider"] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+    if llama_cpp.llama_supports_gpu_offload():
+        doc = profiler.profile(artifacts["gguf"], device=prof.name, n_gpu_layers=prof.n_gpu_layers, threads=1,
+                               prompt_lengths=[8], new_tokens=4, warmup=0, repeats=1, quiet=True)
+        assert doc["runtime"]["execution_provider"] == "llama.cpp GPU" and doc["runtime"]["n_gpu_layers"] == -1

@@ -22,7 +22,9 @@ def test_device_modules_import_without_torch():
     # the device side (profiler, runtimes, bundle agent) and the host side of devices (profiles, ship)
     mods = _modules_after("import edgeprune.devices.profiler, edgeprune.devices.ort_generate, "
                           "edgeprune.devices.llama_generate, edgeprune.devices.bundle, "
-                          "edgeprune.devices.profiles, edgeprune.devices.ship")
+                          "edgeprune.devices.profiles, edgeprune.devices.ship, edgeprune.devices.emulation, "
+                          "edgeprune.devices.greedy, edgeprune.devices.sim, edgeprune.devices.provision, "
+                          "edgeprune.devices.remote")
     assert "torch" not in mods and "transformers" not in mods
 
 

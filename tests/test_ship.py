@@ -5,22 +5,19 @@ off); the "device" directory is a temp directory and the device's python is this
 openssh-server is installed by `make install`; without /usr/sbin/sshd these tests skip.
 """
 
-import getpass
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+from conftest import SSHD, free_port
 from edgeprune.devices import bundle
 
-SSHD = "/usr/sbin/sshd"
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--threads", "1", "--prompt-lengths", "8", "--new-tokens", "4", "--repeats", "1", "--warmup", "0"]
 
@@ -30,71 +27,6 @@ pytestmark = [
     pytest.mark.skipif(not (shutil.which("ssh") and shutil.which("scp") and shutil.which("ssh-keygen")),
                        reason="the OpenSSH client (ssh, scp, ssh-keygen) is not installed"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _keygen(path: Path) -> Path:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)], check=True)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sshd")
-    host_key, user_key, stranger_key = _keygen(d / "host_key"), _keygen(d / "user_key"), _keygen(d / "stranger")
-    (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
-    port = _free_port()
-    user = getpass.getuser()
-    cfg = d / "sshd_config"
-    cfg.write_text(f"""\
-Port {port}
-ListenAddress 127.0.0.1
-HostKey {host_key}
-PidFile {d}/sshd.pid
-AuthorizedKeysFile {d}/authorized_keys
-StrictModes no
-UsePAM no
-PermitRootLogin prohibit-password
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-MaxStartups 100
-Subsystem sftp internal-sftp
-""")
-    if os.geteuid() == 0:
-        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
-    check = subprocess.run([SSHD, "-t", "-f", str(cfg)], capture_output=True, text=True)
-    if check.returncode != 0:
-        pytest.skip(f"sshd rejects the test configuration: {check.stderr.strip()}")
-    log = open(d / "sshd.log", "w")
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.skip(f"sshd did not start: {(d / 'sshd.log').read_text()[-500:]}")
-            time.sleep(0.1)
-    known_hosts = d / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{port} {(d / 'host_key.pub').read_text()}")
-    device = d / "device"
-    device.mkdir()
-    yield SimpleNamespace(port=port, user=user, host=f"{user}@127.0.0.1", key=user_key, stranger_key=stranger_key,
-                          known_hosts=known_hosts, dir=d, device=device)
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
 
 
 def ssh_args(s, remote_dir, **over) -> list[str]:
@@ -173,7 +105,7 @@ def test_ship_onnx_and_repair_on_device(sshd, artifacts, tmp_path):
 @pytest.mark.parametrize("case", ["wrong-port", "unroutable"])
 def test_unreachable_host_fails_fast(sshd, artifacts, case):
     if case == "wrong-port":
-        args = ssh_args(sshd, sshd.device / "x", **{"--port": str(_free_port())})
+        args = ssh_args(sshd, sshd.device / "x", **{"--port": str(free_port())})
         needle = "connection refused"
     else:  # TEST-NET-1 (RFC 5737): never routed; either no route at once or no answer within the timeout
         args = ssh_args(sshd, sshd.device / "x", **{"--host": "root@192.0.2.1", "--port": "22"})
@@ -331,3 +263,29 @@ def test_make_targets(sshd, artifacts, tmp_path):
     # a ship target without HOST (and no host in the profile) says what is missing
     p = _make("ship-rpi4", *common)
     assert p.returncode != 0 and "--host" in p.stderr
+
+
+def test_setup_x86_device_offline(sshd, artifacts, tmp_path):
+    """`ship --setup` against this x86 "device": a python with nothing installed gets a venv in DIR/env with the
+    ONNX runtimes, from wheels downloaded here (pip on the device runs from its wheel, with --no-index)."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    rdir = sshd.device / "setup-x86"
+    out = tmp_path / "p.json"
+    args = ["--device", "cpu", *ssh_args(sshd, rdir, **{"--python": str(bare / "bin" / "python")}), "--setup"]
+    p = ship(artifacts["onnx"], *args, *QUICK, "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(out.read_text())
+    assert doc["ship"]["remote_python"] == str(rdir / "env" / "python") and doc["arch"] == "x86_64"
+    assert doc["emulated"] is False and doc["runtime"]["name"] == "onnxruntime"
+    assert list((rdir / "env" / "venv").glob("lib/python*/site-packages/onnxruntime"))
+    p = ship(artifacts["onnx"], *args, "--no-profile")
+    assert p.returncode == 0 and "already has" in p.stderr, p.stderr
+    # a wheel for another machine is refused before anything is installed
+    fake = tmp_path / "llama_cpp_python-0.3.36-py3-none-linux_aarch64.whl"
+    fake.write_bytes(b"")
+    p = ship(artifacts["gguf"], *ssh_args(sshd, sshd.device / "setup-bad", **{"--python": str(bare / "bin" / "python")}),
+             "--device", "cpu", "--setup", "--wheel", str(fake))
+    assert p.returncode == 2 and "does not install on the device (x86_64" in p.stderr, p.stderr
+    p = ship(artifacts["onnx"], *ssh_args(sshd, rdir), "--device", "cpu", "--wheel", str(fake))
+    assert p.returncode == 2 and "--wheel goes with --setup" in p.stderr
