@@ -147,23 +147,30 @@ def model_shape(path: Path) -> dict:
 
 
 def estimate_memory(path: Path, n_ctx: int, max_prompt: int, info: dict | None = None) -> dict:
-    """Resident memory the profiler will need, in MiB, by part (an estimate with a 10 % margin):
-    weights x WEIGHT_FACTOR, the KV cache at ``n_ctx`` tokens (f32 and held twice in onnxruntime's loop, f16 in
-    llama.cpp), prefill activations (onnxruntime returns logits for every prompt position) and the runtime."""
+    """Resident memory the profiler will need for the artifact at ``path`` (see ``estimate_memory_for``)."""
     info = info or artifact_info(path)
-    fmt = info["format"]
-    shape = model_shape(path)
-    kv_heads = sum(shape["kv_heads"] or [])
-    head_dim = int(shape["head_dim"] or 0)
+    return estimate_memory_for(info["format"], info["model_bytes"], model_shape(path), n_ctx, max_prompt)
+
+
+def estimate_memory_for(fmt: str, model_bytes: float, shape: dict, n_ctx: int, max_prompt: int) -> dict:
+    """Resident memory, in MiB, of an artifact described by its format, its weight files' size in bytes and its
+    shape (``model_shape``'s keys), by part: ``expected_mb`` is the predicted peak RSS, ``estimate_mb`` (what the
+    budget check compares) adds a 10 % margin. The parts: weights x WEIGHT_FACTOR, the KV
+    cache at ``n_ctx`` tokens (f32 and held twice in onnxruntime's loop, f16 in llama.cpp), prefill activations
+    (onnxruntime returns logits for every prompt position) and the runtime. Needs no file, so a host can predict
+    an artifact's check before the artifact exists (edgeprune fit)."""
+    kv_heads = sum(shape.get("kv_heads") or [])
+    head_dim = int(shape.get("head_dim") or 0)
     kv_bytes = 2 * kv_heads * head_dim * n_ctx * (8 if fmt == "onnx" else 2)
-    vocab, hidden, heads = int(shape["vocab"] or 0), int(shape["hidden"] or 0), int(shape["heads"] or 0)
+    vocab, hidden, heads = (int(shape.get(k) or 0) for k in ("vocab", "hidden", "heads"))
     rows = max_prompt if fmt == "onnx" else 1  # logits rows the runtime materialises
     act_bytes = rows * vocab * 4 * 2 + max_prompt * (hidden * 4 * 8 + heads * max_prompt * 4)
-    parts = {"weights": info["model_bytes"] * WEIGHT_FACTOR[fmt] / MiB, "kv_cache": kv_bytes / MiB,
+    parts = {"weights": model_bytes * WEIGHT_FACTOR[fmt] / MiB, "kv_cache": kv_bytes / MiB,
              "activations": act_bytes / MiB, "runtime": RUNTIME_OVERHEAD_MIB[fmt]}
-    total = sum(parts.values()) * MARGIN
-    return {"estimate_mb": round(total, 1), "parts_mb": {k: round(v, 1) for k, v in parts.items()},
-            "margin": MARGIN, "n_ctx": n_ctx, "max_prompt_tokens": max_prompt}
+    expected = sum(parts.values())
+    return {"estimate_mb": round(expected * MARGIN, 1), "expected_mb": round(expected, 1),
+            "parts_mb": {k: round(v, 1) for k, v in parts.items()}, "margin": MARGIN, "n_ctx": n_ctx,
+            "max_prompt_tokens": max_prompt}
 
 
 def resolve_budget(budget) -> float | None:

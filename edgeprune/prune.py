@@ -48,6 +48,9 @@ class PruneConfig:
     recover_lr: float = 4e-4
     recover_batch: int = 4
     recover_ce: float = 0.0
+    # LSPS latency budget (edgeprune fit): per layer [cost of one KV group, of one MLP channel], e.g. decode ms;
+    # the ratio is then the share of that cost removed. None: the parameter budget
+    unit_cost: list | None = None
 
     def recovery(self) -> RecoveryConfig:
         return RecoveryConfig(self.recover_steps, self.recover_lr, self.recover_batch, ce_weight=self.recover_ce,
@@ -73,11 +76,15 @@ class PruneConfig:
             raise EdgePruneError("probe-ratio must be in (0, 1)")
         if not 0 <= self.min_module_ratio <= self.max_module_ratio < 1:
             raise EdgePruneError("need 0 <= min-module-ratio <= max-module-ratio < 1")
+        if self.unit_cost is not None and (self.allocator != "lsps" or self.attn_unit != "group"):
+            raise EdgePruneError("a latency budget (unit_cost) needs the lsps allocator with attention unit 'group'")
         self.recovery().validate()
 
 
-def _prunable(adapter) -> int:
-    return sum(c.prunable for c in unit_costs(adapter))
+def _prunable(adapter, unit_cost=None) -> float:
+    from edgeprune.allocation.layerwise import priced
+
+    return sum(c.prunable for c in priced(unit_costs(adapter), unit_cost))
 
 
 def compensation_biases(adapter, plan: PruningPlan, means: dict) -> tuple[dict, dict]:
@@ -126,7 +133,7 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
     batches = calibration_batches(lm.tokenizer, calib, cfg.n_samples, cfg.seq_len, cfg.seed)
     probe = batches[: cfg.sensitivity_samples]
     before = param_counts(lm.adapter)
-    base_prunable = _prunable(lm.adapter)
+    base_prunable = _prunable(lm.adapter, cfg.unit_cost)
     plan = PruningPlan.identity(lm.adapter)
     rounds = []
     start = time.perf_counter()
@@ -134,7 +141,7 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
     for r in range(1, cfg.rounds + 1):
         # each round removes its share of the original budget, measured against the current model
         target = cfg.ratio * base_prunable * r / cfg.rounds
-        now = _prunable(lm.adapter)
+        now = _prunable(lm.adapter, cfg.unit_cost)
         round_ratio = min(max(0.0, (target - (base_prunable - now)) / now), 0.999)
         key = _dense_key(cfg, calib) if r == 1 else None
         if cache is not None and key in cache:
@@ -153,7 +160,7 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
         options = {}
         if cfg.allocator == "lsps":
             options = {"tau": cfg.tau, "min_ratio": min(cfg.min_module_ratio, round_ratio),
-                       "max_ratio": max(cfg.max_module_ratio, round_ratio)}
+                       "max_ratio": max(cfg.max_module_ratio, round_ratio), "unit_cost": cfg.unit_cost}
         alloc = allocate(cfg.allocator, lm.adapter, round_ratio, scores=scores, sensitivities=sens,
                          attn_unit=cfg.attn_unit, round_to=cfg.round_to, **options)
         step = build_plan(lm.adapter, scores, alloc)

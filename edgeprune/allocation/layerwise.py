@@ -5,6 +5,7 @@ parameters to within one MLP channel (depth: to within one layer)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -24,15 +25,19 @@ def _budget(costs, ratio: float) -> float:
 
 
 def allocate_lsps(adapter, ratio: float, sensitivities, attn_unit: str = "group", round_to: int = 1,
-                  tau: float = 1.0, min_ratio: float = 0.0, max_ratio: float = 0.8) -> Allocation:
+                  tau: float = 1.0, min_ratio: float = 0.0, max_ratio: float = 0.8, unit_cost=None) -> Allocation:
     """LSPS: every module (a layer's attention or MLP) gets a ratio r = clip(c * (s / mean s)^-tau,
     min_ratio, max_ratio), c chosen so the removed parameters meet the budget: sensitive modules lose less.
-    tau = 0 is uniform; larger tau follows the sensitivities more closely."""
+    tau = 0 is uniform; larger tau follows the sensitivities more closely.
+
+    ``unit_cost``: per layer, [cost of one KV group, cost of one MLP channel] in any unit (e.g. measured decode
+    milliseconds, edgeprune.fit): the budget is then ``ratio`` of the layers' total cost instead of their
+    parameters, so the allocation cuts where that cost goes. Group units only."""
     check_ratio(ratio)
     if not 0 <= min_ratio <= ratio <= max_ratio < 1:
         raise EdgePruneError(f"need 0 <= --min-module-ratio <= ratio <= --max-module-ratio < 1 "
                              f"(got {min_ratio}, {ratio}, {max_ratio})")
-    costs = unit_costs(adapter, attn_unit)
+    costs = priced(unit_costs(adapter, attn_unit), unit_cost, attn_unit)
     items, params, hi = [], [], []
     for c, s in zip(costs, sensitivities, strict=True):
         for kind, sens, p, n in (("attention", s.attention, c.attn_units * c.attn_unit_params, c.attn_units),
@@ -48,6 +53,17 @@ def allocate_lsps(adapter, ratio: float, sensitivities, attn_unit: str = "group"
     ratios = solve_ratios(weights, params, budget, min_ratio, hi)
     attn_r, mlp_r = ratios[0::2], ratios[1::2]
     return integerize(costs, attn_r, mlp_r, budget, attn_unit, round_to)
+
+
+def priced(costs, unit_cost, attn_unit: str = "group"):
+    """``costs`` with each unit's parameters replaced by ``unit_cost`` (per layer: [group, channel]); unchanged
+    when ``unit_cost`` is None."""
+    if unit_cost is None:
+        return costs
+    if attn_unit != "group" or len(unit_cost) != len(costs):
+        raise EdgePruneError("a cost per unit needs --attn-unit group and one [group, channel] pair per layer")
+    return [replace(c, attn_unit_params=float(g), channel_params=float(ch))
+            for c, (g, ch) in zip(costs, unit_cost, strict=True)]
 
 
 def allocate_global(adapter, ratio: float, scores, attn_unit: str = "group", round_to: int = 1) -> Allocation:
