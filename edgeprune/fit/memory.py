@@ -35,6 +35,6 @@ def predict_memory(shape: ModelShape, fmt: str, dtype: str, settings: dict) -> d
     limit = shape.context or None
     lengths, _, _, n_ctx = profiler.plan_context(settings["prompt_lengths"], settings["new_tokens"],
                                                  settings.get("decode_prompt"), limit)
-    est = profiler.estimate_memory_for(fmt, desc["model_bytes"], desc["shape"], n_ctx, lengths[-1])
+    est = profiler.estimate_memory_for(fmt, desc["model_bytes"], desc["shape"], n_ctx, lengths[-1], dtype)
     est["size_bytes"] = desc["model_bytes"]
     return est
