@@ -82,7 +82,7 @@ class PruneConfig:
 
 
 def _prunable(adapter, unit_cost=None) -> float:
-    from edgeprune.allocation.layerwise import priced
+    from edgeprune.allocation.base import priced
 
     return sum(c.prunable for c in priced(unit_costs(adapter), unit_cost))
 

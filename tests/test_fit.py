@@ -40,6 +40,7 @@ def test_predicted_gguf_size_and_memory_check(tok_dir, tmp_path, dtype, uniform)
     """The predicted file size is the exported file's; the predicted memory check is the profiler's own."""
     pytest.importorskip("llama_cpp")
     from edgeprune.devices import profiler
+
     from edgeprune.fit.shapes import tokenizer_bytes
     from edgeprune.fit.synthetic import build_artifact
 
@@ -146,10 +147,13 @@ def test_search_quality_and_memory_targets():
     t = search.Targets(max_ppl_ratio=1.2, max_memory_mb=10_000)
     c = search.choose(_cands(t, ("q8_0", "q4_k_m")), t)
     assert (c.ratio, c.dtype) == (0.0, "q8_0")
-    mem = _cands(search.Targets())[0].predicted["memory_check_mb"]
-    t = search.Targets(max_memory_mb=0.9 * mem)
+    dense = _cands(search.Targets())[0].predicted
+    t = search.Targets(max_memory_mb=0.9 * dense["memory_mb"])  # predicted peak RSS
     c = search.choose(_cands(t), t)
-    assert c.predicted["memory_check_mb"] <= 0.9 * mem and c.ratio > 0
+    assert c.predicted["memory_mb"] <= 0.9 * dense["memory_mb"] and c.ratio > 0
+    t = search.Targets(budget_mb=dense["memory_mb"])  # the profiler's check (with its margin) must pass
+    c = search.choose(_cands(t), t)
+    assert c.predicted["memory_check_mb"] <= dense["memory_mb"] < c.predicted["memory_check_mb"] * 1.2
 
 
 def test_search_unreachable_names_the_target_and_best_value():

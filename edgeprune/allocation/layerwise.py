@@ -5,7 +5,6 @@ parameters to within one MLP channel (depth: to within one layer)."""
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 
@@ -14,6 +13,7 @@ from edgeprune.allocation.base import (
     LayerAllocation,
     check_ratio,
     integerize,
+    priced,
     solve_ratios,
     unit_costs,
 )
@@ -53,17 +53,6 @@ def allocate_lsps(adapter, ratio: float, sensitivities, attn_unit: str = "group"
     ratios = solve_ratios(weights, params, budget, min_ratio, hi)
     attn_r, mlp_r = ratios[0::2], ratios[1::2]
     return integerize(costs, attn_r, mlp_r, budget, attn_unit, round_to)
-
-
-def priced(costs, unit_cost, attn_unit: str = "group"):
-    """``costs`` with each unit's parameters replaced by ``unit_cost`` (per layer: [group, channel]); unchanged
-    when ``unit_cost`` is None."""
-    if unit_cost is None:
-        return costs
-    if attn_unit != "group" or len(unit_cost) != len(costs):
-        raise EdgePruneError("a cost per unit needs --attn-unit group and one [group, channel] pair per layer")
-    return [replace(c, attn_unit_params=float(g), channel_params=float(ch))
-            for c, (g, ch) in zip(costs, unit_cost, strict=True)]
 
 
 def allocate_global(adapter, ratio: float, scores, attn_unit: str = "group", round_to: int = 1) -> Allocation:

@@ -10,7 +10,6 @@ Does NOT measure anything (the profiler does) and does not know the device's fre
 from __future__ import annotations
 
 from edgeprune.devices import profiler
-
 from edgeprune.fit.shapes import ModelShape, file_bytes
 
 

@@ -40,6 +40,7 @@ class FitOptions:
     dtypes: list[str] | None = None
     host: str | None = None
     out: Path = Path("out/fit")
+    work: Path | None = None  # where checkpoints and artifacts go (default: out); shared by several fits
     profile_file: Path | None = None
     threads: str | None = None
     budget: str = "params"  # what LSPS spends: "params" or "latency" (units cost their measured decode time)
@@ -128,18 +129,18 @@ def default_budget(prof, host: str | None) -> float | None:
 
 
 # ---- realise one configuration ----------------------------------------------------------------------------------
-def _tag(ratio: float) -> str:
-    return f"r{round(100 * ratio):02d}"
+def _tag(ratio: float, budget: str = "params") -> str:
+    return f"r{round(100 * ratio):02d}" + ("-latency" if budget == "latency" else "")
 
 
-def prune_to(opts: FitOptions, ckpt: Path, ratio: float, pcfg_base, data: dict, out: Path, unit_cost) -> Path:
+def prune_to(opts: FitOptions, ckpt: Path, ratio: float, pcfg_base, data: dict, out: Path) -> Path:
     """The checkpoint pruned to ``ratio`` with the recipe (reused when ``out`` holds the same settings)."""
     from dataclasses import replace
 
     if ratio == 0:
         return ckpt
     pcfg = replace(pcfg_base, ratio=ratio)
-    model_dir = out / _tag(ratio) / "model"
+    model_dir = out / _tag(ratio, opts.budget) / "model"
     want = asdict(pcfg)
     try:
         have = json.loads((model_dir / "manifest.json").read_text()).get("config")
@@ -192,7 +193,7 @@ def artifact_ppl(art: Path, fmt: str, text, ev: dict, max_tokens: int | None) ->
 
 def dense_ppl(opts: FitOptions, text, ev: dict, max_tokens: int | None) -> float:
     """The dense model's PyTorch fp32 PPL on the same tokens (cached in the output directory)."""
-    path = opts.out / "dense_ppl.json"
+    path = (opts.work or opts.out) / "dense_ppl.json"
     key = {"model": opts.model, "text": text.sha256, "seq_len": ev.get("seq_len", 128), "max_tokens": max_tokens}
     try:
         cached = json.loads(path.read_text())
@@ -213,7 +214,7 @@ def dense_ppl(opts: FitOptions, text, ev: dict, max_tokens: int | None) -> float
 
 def measured_values(doc: dict, prompt: int | None, ppl: float, ref_ppl: float) -> dict:
     ttft = {r["prompt_tokens"]: r["ttft_ms"] for r in doc["prefill"]}
-    return {"memory_mb": doc["memory"]["peak_rss_mb"], "memory_check_mb": doc["memory"]["peak_rss_mb"],
+    return {"memory_mb": doc["memory"]["peak_rss_mb"], "memory_check_mb": doc["memory_check"]["estimate_mb"],
             "size_mb": round(doc["artifact"]["size_bytes"] / 2**20, 1),
             "decode_tok_s": doc["decode"]["tokens_per_s"], "ttft_ms": ttft.get(prompt) if prompt else None,
             "ppl": round(ppl, 3), "ppl_ratio": round(ppl / ref_ppl, 4),
@@ -223,8 +224,9 @@ def measured_values(doc: dict, prompt: int | None, ppl: float, ref_ppl: float) -
 def realise(opts, cand: search.Candidate, ctx: dict) -> dict:
     """Prune, export, evaluate and profile one configuration; predicted (search and actual shapes) vs measured."""
     start = time.perf_counter()
-    model_dir = prune_to(opts, ctx["ckpt"], cand.ratio, ctx["pcfg"], ctx["data"], opts.out, ctx["unit_cost"])
-    art = export_to(model_dir, cand.fmt, cand.dtype, opts.out / f"{_tag(cand.ratio)}-{cand.fmt}-{cand.dtype}")
+    work = opts.work or opts.out
+    model_dir = prune_to(opts, ctx["ckpt"], cand.ratio, ctx["pcfg"], ctx["data"], work)
+    art = export_to(model_dir, cand.fmt, cand.dtype, work / f"{_tag(cand.ratio, opts.budget)}-{cand.fmt}-{cand.dtype}")
     shape = from_checkpoint(model_dir)
     shaped = search.predict(shape, 0.0, cand.fmt, cand.dtype, ctx["models"], ctx["settings"], opts.targets,
                             extra_bytes=ctx["extra_bytes"]).predicted
@@ -258,7 +260,9 @@ def corrections(attempt: dict) -> dict:
 
 
 # ---- the command ------------------------------------------------------------------------------------------------
-def fit(opts: FitOptions) -> dict:
+def prepare(opts: FitOptions) -> dict:
+    """Everything the search and ``realise`` need: profile, format, dtypes, shapes, latency models, recipe, texts,
+    the device runner and every candidate's predictions."""
     from edgeprune.devices import profiles
     from edgeprune.export.artifacts import TOKENIZER_FILES, resolve_checkpoint
 
@@ -274,8 +278,7 @@ def fit(opts: FitOptions) -> dict:
         raise EdgePruneError(f"{fmt} takes dtypes {', '.join(search.FORMAT_DTYPES[fmt])}, not {', '.join(bad)}")
     if opts.budget not in ("params", "latency"):
         raise EdgePruneError(f"--budget is 'params' or 'latency', not '{opts.budget}'")
-    if opts.targets.max_memory_mb is None:
-        opts.targets.max_memory_mb = default_budget(prof, opts.host)
+    opts.targets.budget_mb = default_budget(prof, opts.host)  # else the profiler would refuse the artifact
     pcfg, data, ev = recipe(opts.recipe)
     ckpt = resolve_checkpoint(opts.model)
     base = from_checkpoint(ckpt)
@@ -295,22 +298,35 @@ def fit(opts: FitOptions) -> dict:
         pcfg, data, ev = recipe(opts.recipe, unit_cost)
     extra = sum((ckpt / n).stat().st_size for n in TOKENIZER_FILES if (ckpt / n).is_file())
     extra += 2048  # manifest.json
-    cands = search.candidates(base, fmt, dtypes, models, settings, opts.targets, pcfg.round_to, extra_bytes=extra)
+    cands = search.candidates(base, fmt, dtypes, models, settings, opts.targets, pcfg.round_to, extra_bytes=extra,
+                              unit_cost=unit_cost)
+    max_tokens = opts.max_tokens if opts.max_tokens is not None else (ev.get("max_tokens") or None)
+    return {"prof": prof, "fmt": fmt, "dtypes": dtypes, "base": base, "cands": cands, "ckpt": ckpt, "pcfg": pcfg,
+            "data": data, "ev": ev, "models": models, "settings": settings, "runner": runner,
+            "max_tokens": max_tokens, "device": prof.name, "extra_bytes": extra, "unit_cost": unit_cost}
+
+
+def evaluation(opts: FitOptions, ctx: dict) -> None:
+    """Load the evaluation text and the dense model's PPL into ``ctx`` (before ``realise``)."""
+    ctx["eval_text"] = resolve_text(ctx["data"].get("eval", "builtin"), "eval")
+    (opts.work or opts.out).mkdir(parents=True, exist_ok=True)
+    ctx["ref_ppl"] = dense_ppl(opts, ctx["eval_text"], ctx["ev"], ctx["max_tokens"])
+
+
+def fit(opts: FitOptions) -> dict:
+    ctx = prepare(opts)
+    prof, fmt, dtypes, base, cands = ctx["prof"], ctx["fmt"], ctx["dtypes"], ctx["base"], ctx["cands"]
+    models, settings, pcfg, extra, unit_cost = (ctx[k] for k in ("models", "settings", "pcfg", "extra_bytes",
+                                                                   "unit_cost"))
     choice = search.choose(cands, opts.targets, prof.name)
     _log(f"chosen: {choice.label}; predicted {json.dumps(choice.predicted)}")
-    max_tokens = opts.max_tokens if opts.max_tokens is not None else (ev.get("max_tokens") or None)
-    eval_text = resolve_text(data.get("eval", "builtin"), "eval")
-    ctx = {"ckpt": ckpt, "pcfg": pcfg, "data": data, "ev": ev, "models": models, "settings": settings,
-           "runner": runner, "eval_text": eval_text, "max_tokens": max_tokens, "device": prof.name,
-           "extra_bytes": extra, "unit_cost": unit_cost}
-    opts.out.mkdir(parents=True, exist_ok=True)
-    ctx["ref_ppl"] = dense_ppl(opts, eval_text, ev, max_tokens)
+    evaluation(opts, ctx)
     attempts = [realise(opts, choice, ctx)]
     stepped = None
     if attempts[0]["missed"]:
         scale = corrections(attempts[0])
         again = search.candidates(base, fmt, dtypes, models, settings, opts.targets, pcfg.round_to,
-                                  extra_bytes=extra, scale=scale)
+                                  extra_bytes=extra, scale=scale, unit_cost=unit_cost)
         try:
             nxt = search.choose(again, opts.targets, prof.name, after=choice)
             stepped = {"why": attempts[0]["missed"], "corrections": scale, "next": nxt.label}
@@ -329,6 +345,7 @@ def fit(opts: FitOptions) -> dict:
               "stepped": stepped, "met": not final["missed"], "final": final}
     from edgeprune.io import write_json
 
+    opts.out.mkdir(parents=True, exist_ok=True)
     write_json(opts.out / "fit.json", result)
     return result
 

@@ -38,6 +38,7 @@ class Targets:
     prompt_tokens: int | None = None
     max_size_mb: float | None = None
     max_ppl_ratio: float | None = None
+    budget_mb: float | None = None  # the device profile's memory budget: the profiler's check must pass
 
     def validate(self) -> None:
         for name in ("max_memory_mb", "min_decode_tok_s", "max_ttft_ms", "max_size_mb"):
@@ -56,7 +57,8 @@ class Targets:
 
 
 # how each target reads a prediction or a measurement: (key, sense, flag, unit); sense +1: at most, -1: at least
-TARGETS = {"max_memory_mb": ("memory_check_mb", +1, "--max-memory-mb", "MiB"),
+TARGETS = {"max_memory_mb": ("memory_mb", +1, "--max-memory-mb", "MiB"),
+           "budget_mb": ("memory_check_mb", +1, "the device profile's memory budget", "MiB"),
            "min_decode_tok_s": ("decode_tok_s", -1, "--min-decode-tok-s", "tok/s"),
            "max_ttft_ms": ("ttft_ms", +1, "--max-ttft-ms", "ms"),
            "max_size_mb": ("size_mb", +1, "--max-size-mb", "MiB"),
@@ -100,13 +102,15 @@ def misses(values: dict, targets: Targets) -> list[str]:
 
 
 def predict(base: ModelShape, ratio: float, fmt: str, dtype: str, models: dict, settings: dict,
-            targets: Targets, round_to: int = 32, extra_bytes: int = 0, scale: dict | None = None) -> Candidate:
+            targets: Targets, round_to: int = 32, extra_bytes: int = 0, scale: dict | None = None,
+            unit_cost=None) -> Candidate:
     """One configuration's predictions. ``models``: dtype -> LatencyModel (or None: speed not predicted);
-    ``scale``: measured / predicted factors from an earlier measurement (the step after a miss)."""
+    ``scale``: measured / predicted factors from an earlier measurement (the step after a miss); ``unit_cost``:
+    the ratio is a share of this per-unit cost (LSPS's latency budget) instead of parameters."""
     from edgeprune.fit.memory import predict_memory
 
     scale = scale or {}
-    shape = at_ratio(base, ratio, round_to)
+    shape = at_ratio(base, ratio, round_to, unit_cost)
     mem = predict_memory(shape, fmt, dtype, settings)
     p = {"memory_mb": round(mem["expected_mb"] * scale.get("memory", 1.0), 1),
          "memory_check_mb": round(mem["estimate_mb"] * scale.get("memory", 1.0), 1),
@@ -122,8 +126,9 @@ def predict(base: ModelShape, ratio: float, fmt: str, dtype: str, models: dict, 
 
 
 def candidates(base: ModelShape, fmt: str, dtypes, models: dict, settings: dict, targets: Targets,
-               round_to: int = 32, ratios=RATIOS, extra_bytes: int = 0, scale: dict | None = None) -> list[Candidate]:
-    return [predict(base, r, fmt, d, models, settings, targets, round_to, extra_bytes, scale)
+               round_to: int = 32, ratios=RATIOS, extra_bytes: int = 0, scale: dict | None = None,
+               unit_cost=None) -> list[Candidate]:
+    return [predict(base, r, fmt, d, models, settings, targets, round_to, extra_bytes, scale, unit_cost)
             for d in dtypes for r in ratios]
 
 
@@ -161,10 +166,11 @@ def unreachable_message(cands: list[Candidate], targets: Targets, device: str = 
         best = _best(cands if alone else pool, key, sense)
         if best is None:
             return f"{flag} {active[name]:g} cannot be predicted{where} (no latency model for {span})"
-        word = {"decode_tok_s": "fastest", "ttft_ms": "quickest", "size_mb": "smallest",
+        word = {"decode_tok_s": "fastest", "ttft_ms": "quickest", "size_mb": "smallest", "memory_mb": "smallest",
                 "memory_check_mb": "smallest", "ppl_ratio": "best"}[key]
         cond = "" if alone else " while meeting the other targets"
-        what = {"memory_check_mb": "the profiler's memory check", "size_mb": "artifact size",
+        what = {"memory_check_mb": "the profiler's memory check, with its margin", "memory_mb": "peak RSS",
+                "size_mb": "artifact size",
                 "decode_tok_s": "decode speed", "ttft_ms": f"TTFT at {targets.prompt_tokens} prompt tokens",
                 "ppl_ratio": "predicted PPL / dense"}[key]
         return (f"{flag} {active[name]:g} is out of reach{where}{cond}: the {word} configuration ({best.label}) "

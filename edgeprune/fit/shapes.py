@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from edgeprune.allocation.base import UnitCosts, check_ratio, integerize
+from edgeprune.allocation.base import UnitCosts, check_ratio, integerize, priced
 from edgeprune.errors import EdgePruneError
 
 # Bytes per weight of each GGML block type (gguf's GGML_QUANT_SIZES: block bytes / block size) and its block.
@@ -125,13 +125,14 @@ def unit_costs(shape: ModelShape) -> list[UnitCosts]:
     return out
 
 
-def at_ratio(shape: ModelShape, ratio: float, round_to: int = 1) -> ModelShape:
-    """The shape after removing ``ratio`` of the decoder layers' prunable parameters, spread evenly (whole KV
-    groups rounded across layers, MLP channels absorb the rest), as the allocators' budget does."""
+def at_ratio(shape: ModelShape, ratio: float, round_to: int = 1, unit_cost=None) -> ModelShape:
+    """The shape after removing ``ratio`` of the decoder layers' prunable parameters (of their ``unit_cost``:
+    per layer [KV group, MLP channel], a latency budget), spread evenly (whole KV groups rounded across layers,
+    MLP channels absorb the rest), as the allocators' budget does."""
     check_ratio(ratio)
     if ratio == 0:
         return replace(shape, layers=list(shape.layers))
-    costs = unit_costs(shape)
+    costs = priced(unit_costs(shape), unit_cost)
     budget = ratio * sum(c.prunable for c in costs)
     alloc = integerize(costs, [ratio] * len(costs), [ratio] * len(costs), budget, "group", round_to)
     layers = []
