@@ -29,6 +29,9 @@ from edgeprune.fit.shapes import ModelShape, from_checkpoint
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 SCHEMA = "edgeprune.fit/1"
+# round 1's scores and sensitivities of the dense model, shared by every prune of this process (they do not
+# depend on the ratio or the budget; prune_model keys them by everything they do depend on)
+_SCORES: dict = {}
 
 
 @dataclass
@@ -156,7 +159,8 @@ def prune_to(opts: FitOptions, ckpt: Path, ratio: float, pcfg_base, data: dict, 
     _log(f"pruning {opts.model} to ratio {ratio:.2f} ({pcfg.scorer} + {pcfg.allocator}, {pcfg.rounds} rounds, "
          f"refit {pcfg.reconstruct}, {pcfg.recover_steps} distillation steps, {opts.budget} budget)")
     lm = load(opts.model)
-    record = prune_model(lm, pcfg, resolve_text(data.get("calib", "builtin"), "calib"), progress=False)
+    record = prune_model(lm, pcfg, resolve_text(data.get("calib", "builtin"), "calib"), progress=False,
+                         cache=_SCORES.setdefault(opts.model, {}))
     save_checkpoint(lm, model_dir, {"source_model": opts.model, "source": lm.source, **record})
     return model_dir
 
