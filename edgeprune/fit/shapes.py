@@ -27,6 +27,7 @@ GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_k_m")
 ONNX_DTYPES = ("fp32", "fp16", "int8")
 NBITS_BLOCK = 32  # export/onnx.py: MatMulNBits and GatherBlockQuantized blocks (8-bit weights, fp32 scales)
 GGUF_HEADER_BYTES = 4096  # fixed keys and tensor infos, roughly; the tokenizer is counted separately
+ONNX_LAYER_GRAPH_BYTES = 46_000  # nodes, names and shapes of one decoder layer in the ONNX graph (measured)
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,8 @@ def _onnx_parts(shape: ModelShape, dtype: str) -> dict:
         attn.append(mat(h, L.heads * d) + 2 * mat(h, L.kv_heads * d) + mat(L.heads * d, h) + 4 * h
                     + (4 * (L.heads + 2 * L.kv_heads) * d if shape.qkv_bias else 0))
         mlp.append(2 * mat(h, L.ffn) + mat(L.ffn, h) + 4 * h)
-    return {"fixed": mat(h, shape.vocab) * 2 + 4 * h, "attention": attn, "mlp": mlp}
+    graph = ONNX_LAYER_GRAPH_BYTES * len(shape.layers)
+    return {"fixed": mat(h, shape.vocab) * 2 + 4 * h + graph, "attention": attn, "mlp": mlp}
 
 
 GGUF_NAMES = {"int8": "q8_0", "fp32": "f32", "fp16": "f16"}
