@@ -105,9 +105,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from edgeprune.fit import run, search
+    from edgeprune.fit.cli import recipe_overrides
 
     work = Path(args.work)
-    recipe = run._recipe_overrides(args.sets)
+    recipe = recipe_overrides(args.sets)
     common = dict(model="default", device="cpu", fmt="gguf", threads=args.threads, recipe=recipe, work=work,
                   max_tokens=args.max_tokens)
     res: dict = {"schema": "edgeprune.bench-fit/1", "date": time.strftime("%Y-%m-%d"), "threads": args.threads,

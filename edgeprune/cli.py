@@ -455,7 +455,7 @@ def fit_cmd(
 ) -> None:
     """Find the least compression (pruning ratio and dtype) predicted to meet a device's memory, speed, size and
     quality targets; prune, export, evaluate and profile it on the device; report predicted vs measured."""
-    from edgeprune.fit.run import command
+    from edgeprune.fit.cli import command
 
     code = command(model, device, max_memory_mb, min_decode_tok_s, max_ttft_ms, prompt_tokens, max_size_mb, fmt,
                    dtypes, max_ppl_ratio, host, out_dir, threads, budget, set_ or [], max_tokens, profile_file,
