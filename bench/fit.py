@@ -83,8 +83,8 @@ def fmt_table(res: dict) -> str:
               "this run: " + ", ".join(f"{k} {v:+.1%}" for k, v in mem.items()) + "."]
     for dtype, e in res["latency_errors"].items():
         lines.append(f"Latency model {dtype} (table {e['table']}): decode tok/s error on held-out shapes mean "
-                     f"{e['held_out_mean']:.1%}, max {e['held_out_max']:.1%}; on the real artifacts above "
-                     f"mean {e['real_mean']:.1%}.")
+                     f"{e['held_out_mean']:.1%}, max {e['held_out_max']:.1%}; on the real artifacts above, with the "
+                     f"dense anchor (x{res['anchor']['decode']:.3f}), mean {e['real_mean']:.1%}.")
     return "\n".join(lines) + "\n"
 
 
@@ -128,6 +128,9 @@ def main() -> None:
     print(f"dense q8_0: {res['dense']}", flush=True)
     measured = [("dense q8_0", dense)]
     s0, m0 = res["dense"]["decode_tok_s"], res["dense"]["peak_rss_mb"]
+    # the anchor: speed predictions x measured / predicted dense speed of this run (what `fit` measures itself)
+    res["anchor"] = {"decode": s0 / dense["predicted_from_shapes"]["decode_tok_s"]}
+    common["scale"] = res["anchor"]
     jobs = [(f"decode >= {k}x ({k * s0:.1f} tok/s)", b, search.Targets(min_decode_tok_s=round(k * s0, 2)), k)
             for k in (float(x) for x in args.speedups.split(",")) for b in args.budgets.split(",")]
     cap = round((1 - args.memory_cut) * m0, 1)

@@ -49,6 +49,10 @@ class FitOptions:
     recipe: dict = field(default_factory=dict)  # [prune] overrides, e.g. {"recover_steps": 0}
     max_tokens: int | None = None  # PPL tokens (default: the recipe's evaluate.max_tokens)
     measure_tables: bool | None = None  # None: only when a speed target is set
+    # speed predictions x measured / predicted of the dense artifact, profiled first in the same run: the latency
+    # table's machine state (load, clocks) cancels out. ``scale``: such factors known already (skips the anchor)
+    anchor: bool = True
+    scale: dict | None = None
 
 
 def _log(msg: str) -> None:
@@ -237,7 +241,7 @@ def realise(opts, cand: search.Candidate, ctx: dict) -> dict:
     art = export_to(model_dir, cand.fmt, cand.dtype, work / f"{_tag(cand.ratio, opts.budget)}-{cand.fmt}-{cand.dtype}")
     shape = from_checkpoint(model_dir)
     shaped = search.predict(shape, 0.0, cand.fmt, cand.dtype, ctx["models"], ctx["settings"], opts.targets,
-                            extra_bytes=ctx["extra_bytes"]).predicted
+                            extra_bytes=ctx["extra_bytes"], scale=ctx.get("scale")).predicted
     shaped["ppl_ratio"] = cand.predicted["ppl_ratio"]
     _log(f"PPL of {art}")
     ppl = artifact_ppl(art, cand.fmt, ctx["eval_text"], ctx["ev"], ctx["max_tokens"])
@@ -258,7 +262,8 @@ def _as_targets(measured: dict) -> dict:
 
 
 def corrections(attempt: dict) -> dict:
-    """measured / predicted (from the actual shapes) for the quantities a miss can be corrected by."""
+    """measured / predicted (from the actual shapes, anchor included) for the quantities a miss can be corrected
+    by."""
     p, m = attempt["predicted_from_shapes"], attempt["measured"]
     out = {}
     for name, key in (("decode", "decode_tok_s"), ("ttft", "ttft_ms"), ("memory", "memory_mb")):
@@ -306,12 +311,32 @@ def prepare(opts: FitOptions) -> dict:
         pcfg, data, ev = recipe(opts.recipe, unit_cost)
     extra = sum((ckpt / n).stat().st_size for n in TOKENIZER_FILES if (ckpt / n).is_file())
     extra += 2048  # manifest.json
+    scale = dict(opts.scale or {})
     cands = search.candidates(base, fmt, dtypes, models, settings, opts.targets, pcfg.round_to, extra_bytes=extra,
-                              unit_cost=unit_cost)
+                              unit_cost=unit_cost, scale=scale)
     max_tokens = opts.max_tokens if opts.max_tokens is not None else (ev.get("max_tokens") or None)
     return {"prof": prof, "fmt": fmt, "dtypes": dtypes, "base": base, "cands": cands, "ckpt": ckpt, "pcfg": pcfg,
             "data": data, "ev": ev, "models": models, "settings": settings, "runner": runner,
-            "max_tokens": max_tokens, "device": prof.name, "extra_bytes": extra, "unit_cost": unit_cost}
+            "max_tokens": max_tokens, "device": prof.name, "extra_bytes": extra, "unit_cost": unit_cost,
+            "scale": scale}
+
+
+def anchor(opts: FitOptions, ctx: dict) -> dict:
+    """Profile the dense model in the first dtype and return measured / predicted for decode speed and TTFT."""
+    dtype = ctx["dtypes"][0]
+    work = opts.work or opts.out
+    art = export_to(ctx["ckpt"], ctx["fmt"], dtype, work / f"r00-{ctx['fmt']}-{dtype}")
+    _log(f"profiling the dense {ctx['fmt']} {dtype} artifact on {opts.host or ctx['device']} (the anchor of the "
+         f"speed predictions)")
+    doc = ctx["runner"](art)
+    pred = search.predict(ctx["base"], 0.0, ctx["fmt"], dtype, ctx["models"], ctx["settings"], opts.targets,
+                          extra_bytes=ctx["extra_bytes"]).predicted
+    out = {}
+    if pred.get("decode_tok_s"):
+        out["decode"] = latency.best_decode_tok_s(doc) / pred["decode_tok_s"]
+    if pred.get("ttft_ms") and opts.targets.prompt_tokens:
+        out["ttft"] = latency.best_ttft_ms(doc)[opts.targets.prompt_tokens] / pred["ttft_ms"]
+    return out
 
 
 def evaluation(opts: FitOptions, ctx: dict) -> None:
@@ -326,13 +351,19 @@ def fit(opts: FitOptions) -> dict:
     prof, fmt, dtypes, base, cands = ctx["prof"], ctx["fmt"], ctx["dtypes"], ctx["base"], ctx["cands"]
     models, settings, pcfg, extra, unit_cost = (ctx[k] for k in ("models", "settings", "pcfg", "extra_bytes",
                                                                    "unit_cost"))
+    speed = opts.targets.min_decode_tok_s is not None or opts.targets.max_ttft_ms is not None
+    if opts.anchor and speed and not opts.scale and models.get(dtypes[0]) is not None:
+        ctx["scale"] = anchor(opts, ctx)
+        _log(f"anchor: measured / predicted dense speed {json.dumps({k: round(v, 3) for k, v in ctx['scale'].items()})}")
+        cands = search.candidates(base, fmt, dtypes, models, settings, opts.targets, pcfg.round_to,
+                                  extra_bytes=extra, unit_cost=unit_cost, scale=ctx["scale"])
     choice = search.choose(cands, opts.targets, prof.name)
     _log(f"chosen: {choice.label}; predicted {json.dumps(choice.predicted)}")
     evaluation(opts, ctx)
     attempts = [realise(opts, choice, ctx)]
     stepped = None
     if attempts[0]["missed"]:
-        scale = corrections(attempts[0])
+        scale = {**ctx["scale"], **{k: ctx["scale"].get(k, 1.0) * v for k, v in corrections(attempts[0]).items()}}
         again = search.candidates(base, fmt, dtypes, models, settings, opts.targets, pcfg.round_to,
                                   extra_bytes=extra, scale=scale, unit_cost=unit_cost)
         try:
@@ -346,7 +377,7 @@ def fit(opts: FitOptions) -> dict:
     final = attempts[-1]
     result = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "model": opts.model, "device": prof.name, "host": opts.host, "format": fmt, "dtypes": dtypes,
-              "budget": opts.budget, "targets": asdict(opts.targets), "settings": settings,
+              "budget": opts.budget, "targets": asdict(opts.targets), "settings": settings, "scale": ctx["scale"],
               "recipe": asdict(pcfg) | {"ratio": None}, "dense_ppl": ctx["ref_ppl"],
               "latency_models": {d: (asdict(m) if m else None) for d, m in models.items()},
               "candidates": [asdict(c) for c in cands], "choice": asdict(choice), "attempts": attempts,
