@@ -130,7 +130,7 @@ def main() -> None:
     s0, m0 = res["dense"]["decode_tok_s"], res["dense"]["peak_rss_mb"]
     # the anchor: speed predictions x measured / predicted dense speed of this run (what `fit` measures itself)
     res["anchor"] = {"decode": s0 / dense["predicted_from_shapes"]["decode_tok_s"]}
-    common["scale"] = res["anchor"]
+    common["scale"] = ctx["scale"] = res["anchor"]
     jobs = [(f"decode >= {k}x ({k * s0:.1f} tok/s)", b, search.Targets(min_decode_tok_s=round(k * s0, 2)), k)
             for k in (float(x) for x in args.speedups.split(",")) for b in args.budgets.split(",")]
     cap = round((1 - args.memory_cut) * m0, 1)
