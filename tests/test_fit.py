@@ -219,18 +219,20 @@ def test_fit_unreachable_is_one_line_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_fit_end_to_end_default_model(tmp_path):
-    """A loose size and memory target on the default model: prune (a shortened recipe), export, PPL, profile;
-    predicted vs measured reported for every target, and the prediction of size and memory is close."""
+    """A loose size and memory target on the default model, q8_0 only (with q4_k_m allowed, the unpruned q4_k_m
+    file would meet it): prune (a shortened recipe), export, PPL, profile; predicted vs measured reported for
+    every target, and the predictions of size and memory are close."""
     pytest.importorskip("llama_cpp")
     out = tmp_path / "fit"
-    p = _cli("fit", "default", "--device", "cpu", "--max-size-mb", "130", "--max-memory-mb", "2000",
+    p = _cli("fit", "default", "--device", "cpu", "--max-size-mb", "130", "--max-memory-mb", "2000", "--dtypes", "q8_0",
              "--threads", "1", "--set", "recover_steps=0", "--set", "rounds=1", "--set", "reconstruct=false",
              "--set", "n_samples=8", "--max-tokens", "1024", "--out", str(out), "--json", str(tmp_path / "f.json"),
              timeout=1800)
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads((tmp_path / "f.json").read_text())
     a = r["final"]
-    assert r["met"] and 0 < a["ratio"] <= 0.3 and a["dtype"] == "q8_0"  # q8_0 is predicted better than q4_k_m
+    # dense q8_0 is 141 MiB: the least pruning that fits 130 MiB is 10-15 %
+    assert r["met"] and 0.05 <= a["ratio"] <= 0.15 and a["dtype"] == "q8_0"
     assert a["measured"]["size_mb"] <= 130 and a["measured"]["size_mb"] == pytest.approx(
         a["predicted_from_shapes"]["size_mb"], rel=0.01)
     assert a["measured"]["memory_mb"] == pytest.approx(a["predicted_from_shapes"]["memory_mb"], rel=0.1)
