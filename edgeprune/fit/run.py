@@ -322,20 +322,29 @@ def prepare(opts: FitOptions) -> dict:
 
 
 def anchor(opts: FitOptions, ctx: dict) -> dict:
-    """Profile the dense model in the first dtype and return measured / predicted for decode speed and TTFT."""
-    dtype = ctx["dtypes"][0]
+    """Profile the dense model in each dtype (each has its own table, measured at its own time) and return
+    measured / predicted decode speed and TTFT per dtype ("decode:q8_0", ...)."""
     work = opts.work or opts.out
-    art = export_to(ctx["ckpt"], ctx["fmt"], dtype, work / f"r00-{ctx['fmt']}-{dtype}")
-    _log(f"profiling the dense {ctx['fmt']} {dtype} artifact on {opts.host or ctx['device']} (the anchor of the "
-         f"speed predictions)")
-    doc = ctx["runner"](art)
-    pred = search.predict(ctx["base"], 0.0, ctx["fmt"], dtype, ctx["models"], ctx["settings"], opts.targets,
+    out = {}
+    for dtype in ctx["dtypes"]:
+        if ctx["models"].get(dtype) is None:
+            continue
+        art = export_to(ctx["ckpt"], ctx["fmt"], dtype, work / f"r00-{ctx['fmt']}-{dtype}")
+        _log(f"profiling the dense {ctx['fmt']} {dtype} artifact on {opts.host or ctx['device']} (the anchor of "
+             f"the speed predictions)")
+        out.update(anchor_factors(ctx["runner"](art), ctx, dtype, opts.targets))
+    return out
+
+
+def anchor_factors(doc: dict, ctx: dict, dtype: str, targets: search.Targets) -> dict:
+    """measured / predicted speed of the dense artifact in ``dtype`` from its profile document."""
+    pred = search.predict(ctx["base"], 0.0, ctx["fmt"], dtype, ctx["models"], ctx["settings"], targets,
                           extra_bytes=ctx["extra_bytes"]).predicted
     out = {}
     if pred.get("decode_tok_s"):
-        out["decode"] = latency.best_decode_tok_s(doc) / pred["decode_tok_s"]
-    if pred.get("ttft_ms") and opts.targets.prompt_tokens:
-        out["ttft"] = latency.best_ttft_ms(doc)[opts.targets.prompt_tokens] / pred["ttft_ms"]
+        out[f"decode:{dtype}"] = latency.best_decode_tok_s(doc) / pred["decode_tok_s"]
+    if pred.get("ttft_ms") and targets.prompt_tokens:
+        out[f"ttft:{dtype}"] = latency.best_ttft_ms(doc)[targets.prompt_tokens] / pred["ttft_ms"]
     return out
 
 
@@ -363,7 +372,9 @@ def fit(opts: FitOptions) -> dict:
     attempts = [realise(opts, choice, ctx)]
     stepped = None
     if attempts[0]["missed"]:
-        scale = {**ctx["scale"], **{k: ctx["scale"].get(k, 1.0) * v for k, v in corrections(attempts[0]).items()}}
+        d = choice.dtype  # the miss corrects the predictions of the dtype that was measured
+        scale = {**ctx["scale"], **{f"{k}:{d}": ctx["scale"].get(f"{k}:{d}", ctx["scale"].get(k, 1.0)) * v
+                                    for k, v in corrections(attempts[0]).items()}}
         again = search.candidates(base, fmt, dtypes, models, settings, opts.targets, pcfg.round_to,
                                   extra_bytes=extra, scale=scale, unit_cost=unit_cost)
         try:

@@ -105,23 +105,28 @@ def predict(base: ModelShape, ratio: float, fmt: str, dtype: str, models: dict, 
             targets: Targets, round_to: int = 32, extra_bytes: int = 0, scale: dict | None = None,
             unit_cost=None) -> Candidate:
     """One configuration's predictions. ``models``: dtype -> LatencyModel (or None: speed not predicted);
-    ``scale``: measured / predicted factors from an earlier measurement (the step after a miss); ``unit_cost``:
+    ``scale``: measured / predicted factors from earlier measurements ("decode", "ttft", "memory"; a
+    "decode:DTYPE" key applies to that dtype only and wins over the plain one); ``unit_cost``:
     the ratio is a share of this per-unit cost (LSPS's latency budget) instead of parameters."""
     from edgeprune.fit.memory import predict_memory
 
     scale = scale or {}
+
+    def factor(name: str) -> float:
+        return scale.get(f"{name}:{dtype}", scale.get(name, 1.0))
+
     shape = at_ratio(base, ratio, round_to, unit_cost)
     mem = predict_memory(shape, fmt, dtype, settings)
-    p = {"memory_mb": round(mem["expected_mb"] * scale.get("memory", 1.0), 1),
-         "memory_check_mb": round(mem["estimate_mb"] * scale.get("memory", 1.0), 1),
+    p = {"memory_mb": round(mem["expected_mb"] * factor("memory"), 1),
+         "memory_check_mb": round(mem["estimate_mb"] * factor("memory"), 1),
          "size_mb": round(mem["size_bytes"] / 2**20 + extra_bytes / 2**20, 3),
          "ppl_ratio": round(predicted_ppl_ratio(ratio, dtype), 4),
          "params": shape.params()["total"]}
     model = models.get(dtype)
     if model is not None:
-        p["decode_tok_s"] = round(model.decode_tok_s(shape) * scale.get("decode", 1.0), 2)
+        p["decode_tok_s"] = round(model.decode_tok_s(shape) * factor("decode"), 2)
         if targets.prompt_tokens:
-            p["ttft_ms"] = round(model.ttft_ms(shape, targets.prompt_tokens) * scale.get("ttft", 1.0), 1)
+            p["ttft_ms"] = round(model.ttft_ms(shape, targets.prompt_tokens) * factor("ttft"), 1)
     return Candidate(ratio, fmt, dtype, p)
 
 
