@@ -37,14 +37,21 @@ def allocate_lsps(adapter, ratio: float, sensitivities, attn_unit: str = "group"
     if not 0 <= min_ratio <= ratio <= max_ratio < 1:
         raise EdgePruneError(f"need 0 <= --min-module-ratio <= ratio <= --max-module-ratio < 1 "
                              f"(got {min_ratio}, {ratio}, {max_ratio})")
-    costs = priced(unit_costs(adapter, attn_unit), unit_cost, attn_unit)
-    items, params, hi = [], [], []
-    for c, s in zip(costs, sensitivities, strict=True):
-        for kind, sens, p, n in (("attention", s.attention, c.attn_units * c.attn_unit_params, c.attn_units),
-                                 ("mlp", s.mlp, c.channels * c.channel_params, c.channels)):
+    plain = unit_costs(adapter, attn_unit)
+    costs = priced(plain, unit_cost, attn_unit)
+    items, params, hi, density = [], [], [], []
+    for c, c0, s in zip(costs, plain, sensitivities, strict=True):
+        for kind, sens, p, p0, n in (
+                ("attention", s.attention, c.attn_units * c.attn_unit_params, c0.attn_units * c0.attn_unit_params,
+                 c.attn_units),
+                ("mlp", s.mlp, c.channels * c.channel_params, c0.channels * c0.channel_params, c.channels)):
             items.append((c.index, kind, sens))
             params.append(p)
+            density.append(p / p0 if p0 else 0.0)  # cost per parameter: 1 with the parameter budget
             hi.append(min(max_ratio, (n - 1) / n) if n else 0.0)
+    # with a cost per unit, sensitivity is per unit of cost saved: modules whose parameters cost more lose more
+    mean_d = sum(density) / max(1, sum(1 for d in density if d)) or 1.0
+    items = [(i, k, s * mean_d / d if d else s) for (i, k, s), d in zip(items, density, strict=True)]
     positive = [s for _, _, s in items if s > 0]
     mean = sum(positive) / len(positive) if positive else 1.0
     floor = (min(positive) if positive else 1.0) * 1e-3

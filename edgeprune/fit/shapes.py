@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from edgeprune.allocation.base import UnitCosts, check_ratio, integerize, priced
+from edgeprune.allocation.base import UnitCosts, check_ratio, integerize, priced, solve_ratios
 from edgeprune.errors import EdgePruneError
 
 # Bytes per weight of each GGML block type (gguf's GGML_QUANT_SIZES: block bytes / block size) and its block.
@@ -133,9 +133,22 @@ def at_ratio(shape: ModelShape, ratio: float, round_to: int = 1, unit_cost=None)
     check_ratio(ratio)
     if ratio == 0:
         return replace(shape, layers=list(shape.layers))
-    costs = priced(unit_costs(shape), unit_cost)
+    plain = unit_costs(shape)
+    costs = priced(plain, unit_cost)
     budget = ratio * sum(c.prunable for c in costs)
-    alloc = integerize(costs, [ratio] * len(costs), [ratio] * len(costs), budget, "group", round_to)
+    attn_r, mlp_r = [ratio] * len(costs), [ratio] * len(costs)
+    if unit_cost is not None:  # LSPS with equal sensitivities: modules lose in proportion to cost per parameter
+        mods, dens, hi = [], [], []
+        for c, c0 in zip(costs, plain, strict=True):
+            for n, u, u0 in ((c.attn_units, c.attn_unit_params, c0.attn_unit_params),
+                             (c.channels, c.channel_params, c0.channel_params)):
+                mods.append(n * u)
+                dens.append(u / u0 if u0 else 0.0)
+                hi.append(min(0.8, (n - 1) / n) if n else 0.0)
+        mean = sum(dens) / len(dens) or 1.0
+        r = solve_ratios([d / mean for d in dens], mods, budget, 0.0, hi)
+        attn_r, mlp_r = r[0::2], r[1::2]
+    alloc = integerize(costs, attn_r, mlp_r, budget, "group", round_to)
     layers = []
     for L, a in zip(shape.layers, alloc.layers, strict=True):
         g = L.heads // L.kv_heads if L.kv_heads else 0
