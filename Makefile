@@ -119,5 +119,18 @@ device-sim: install
 	    --no-install-recommends $(DEVICE_SIM_DEBS) >/dev/null; }
 	$(BIN)/python -m edgeprune.devices.sim build
 
+# ---- fit (README "Fit"): the least compression of MODEL that meets a device's targets, proven on the device.
+#   make fit-rpi5 HOST=pi@raspberrypi TARGET_TOK_S=20     prune/export here, profile on the Pi over SSH
+#   make fit-cpu TARGET_TOK_S=40 MAX_MEMORY_MB=200       here
+# Optional: MAX_MEMORY_MB, MAX_SIZE_MB, MAX_PPL_RATIO, FIT_FORMAT, FIT_DTYPES, FIT_OUT, FIT_ARGS (more `edgeprune fit`
+# options), PORT/KEY/... are not used: set them in the device profile ([ssh]).
+FIT_OUT ?= out/fit
+fit-%: install
+	$(BIN)/edgeprune fit $(MODEL) --device $(device_name) $(if $(HOST),--host $(HOST)) \
+	  $(if $(TARGET_TOK_S),--min-decode-tok-s $(TARGET_TOK_S)) $(if $(MAX_MEMORY_MB),--max-memory-mb $(MAX_MEMORY_MB)) \
+	  $(if $(MAX_SIZE_MB),--max-size-mb $(MAX_SIZE_MB)) $(if $(MAX_PPL_RATIO),--max-ppl-ratio $(MAX_PPL_RATIO)) \
+	  $(if $(FIT_FORMAT),--format $(FIT_FORMAT)) $(if $(FIT_DTYPES),--dtypes $(FIT_DTYPES)) \
+	  --out $(FIT_OUT)/$(device_name) --json $(FIT_OUT)/$(device_name)/fit-result.json $(FIT_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -37,11 +37,16 @@ MiB = 1 << 20
 DEFAULT_PROMPT_LENGTHS = (32, 128, 512)
 DEFAULT_NEW_TOKENS = 64
 DEFAULT_DECODE_PROMPT = 128
-# Memory model (see estimate_memory): fixed cost of Python + numpy + psutil + the runtime, and how many bytes of
-# resident memory one byte of weights costs (onnxruntime copies initializers into its arena and prepacks MatMul
-# weights; llama.cpp maps the file).
-RUNTIME_OVERHEAD_MIB = {"onnx": 160.0, "gguf": 110.0}
-WEIGHT_FACTOR = {"onnx": 1.5, "gguf": 1.05}
+# Memory model (see estimate_memory_for), calibrated on this repository's x86-64 CPU host with SmolLM2-135M dense
+# and pruned (bench/fit_memory.py; README "fit"): the fixed cost of Python + numpy + psutil + the runtime; how
+# many bytes of resident memory one byte of the model file costs (llama.cpp maps the file; onnxruntime holds
+# the parsed model and its initializers, 1.27x the file); and onnxruntime's prepacked copy of MatMulNBits
+# weights (every MatMul's, not the embedding's Gather), per byte of those weights, by dtype.
+RUNTIME_OVERHEAD_MIB = {"onnx": 60.0, "gguf": 70.0}
+WEIGHT_FACTOR = {"onnx": 1.27, "gguf": 1.0}
+PREPACK_FACTOR = {"int8": 0.9}
+ONNX_EMBEDDING_BYTES = {"int8": 1.125, "fp16": 2.0, "fp32": 4.0}  # per embedding weight (GatherBlockQuantized)
+LOGITS_COPIES = {"onnx": 1.35, "gguf": 2.0}  # logits buffers held at once during prefill (runtime + numpy)
 MARGIN = 1.10
 TOKENIZER_NAMES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "config.json", "manifest.json", "vocab.json", "merges.txt"}
@@ -147,23 +152,41 @@ def model_shape(path: Path) -> dict:
 
 
 def estimate_memory(path: Path, n_ctx: int, max_prompt: int, info: dict | None = None) -> dict:
-    """Resident memory the profiler will need, in MiB, by part (an estimate with a 10 % margin):
-    weights x WEIGHT_FACTOR, the KV cache at ``n_ctx`` tokens (f32 and held twice in onnxruntime's loop, f16 in
-    llama.cpp), prefill activations (onnxruntime returns logits for every prompt position) and the runtime."""
+    """Resident memory the profiler will need for the artifact at ``path`` (see ``estimate_memory_for``)."""
     info = info or artifact_info(path)
-    fmt = info["format"]
-    shape = model_shape(path)
-    kv_heads = sum(shape["kv_heads"] or [])
-    head_dim = int(shape["head_dim"] or 0)
-    kv_bytes = 2 * kv_heads * head_dim * n_ctx * (8 if fmt == "onnx" else 2)
-    vocab, hidden, heads = int(shape["vocab"] or 0), int(shape["hidden"] or 0), int(shape["heads"] or 0)
+    return estimate_memory_for(info["format"], info["model_bytes"], model_shape(path), n_ctx, max_prompt,
+                               info.get("dtype"))
+
+
+def estimate_memory_for(fmt: str, model_bytes: float, shape: dict, n_ctx: int, max_prompt: int,
+                        dtype: str | None = None) -> dict:
+    """Resident memory, in MiB, of an artifact described by its format, its model file's size in bytes, its
+    shape (``model_shape``'s keys) and dtype, by part: ``expected_mb`` is the predicted peak RSS, ``estimate_mb``
+    (what the budget check compares) adds a 10 % margin. The parts: the weights (x WEIGHT_FACTOR, plus
+    onnxruntime's prepacked MatMulNBits copy), the KV cache at ``n_ctx`` tokens (f16 in llama.cpp, which pads
+    every layer's V cache to the widest layer's when they differ; f32 in onnxruntime), prefill activations
+    (onnxruntime returns logits for every prompt position) and the runtime. Needs no file, so a host can predict
+    an artifact's check before the artifact exists (edgeprune fit)."""
+    kv = [int(k) for k in shape.get("kv_heads") or []]
+    head_dim = int(shape.get("head_dim") or 0)
+    vocab, hidden, heads = (int(shape.get(k) or 0) for k in ("vocab", "hidden", "heads"))
+    if fmt == "gguf":
+        v_heads = max(kv, default=0) * sum(1 for k in kv if k) if len(set(k for k in kv if k)) > 1 else sum(kv)
+        kv_bytes = (sum(kv) + v_heads) * head_dim * n_ctx * 2
+    else:
+        kv_bytes = 2 * sum(kv) * head_dim * n_ctx * 4
     rows = max_prompt if fmt == "onnx" else 1  # logits rows the runtime materialises
-    act_bytes = rows * vocab * 4 * 2 + max_prompt * (hidden * 4 * 8 + heads * max_prompt * 4)
-    parts = {"weights": info["model_bytes"] * WEIGHT_FACTOR[fmt] / MiB, "kv_cache": kv_bytes / MiB,
-             "activations": act_bytes / MiB, "runtime": RUNTIME_OVERHEAD_MIB[fmt]}
-    total = sum(parts.values()) * MARGIN
-    return {"estimate_mb": round(total, 1), "parts_mb": {k: round(v, 1) for k, v in parts.items()},
-            "margin": MARGIN, "n_ctx": n_ctx, "max_prompt_tokens": max_prompt}
+    act_bytes = rows * vocab * 4 * LOGITS_COPIES[fmt] + max_prompt * (hidden * 4 * 8 + heads * max_prompt * 4)
+    weights = model_bytes * WEIGHT_FACTOR[fmt]
+    if fmt == "onnx" and dtype in PREPACK_FACTOR:
+        matmul_bytes = max(model_bytes - vocab * hidden * ONNX_EMBEDDING_BYTES[dtype], 0)
+        weights += matmul_bytes * PREPACK_FACTOR[dtype]
+    parts = {"weights": weights / MiB, "kv_cache": kv_bytes / MiB, "activations": act_bytes / MiB,
+             "runtime": RUNTIME_OVERHEAD_MIB[fmt]}
+    expected = sum(parts.values())
+    return {"estimate_mb": round(expected * MARGIN, 1), "expected_mb": round(expected, 1),
+            "parts_mb": {k: round(v, 1) for k, v in parts.items()}, "margin": MARGIN, "n_ctx": n_ctx,
+            "max_prompt_tokens": max_prompt}
 
 
 def resolve_budget(budget) -> float | None:

@@ -274,6 +274,45 @@ app.command("profile")(cli_devices.profile_cmd)
 app.command("ship")(cli_devices.ship_cmd)
 
 
+@app.command("fit")
+def fit_cmd(
+    model: ModelArg = "default",
+    device: DeviceOpt = "cpu",
+    max_memory_mb: Annotated[float | None, typer.Option(help="peak memory target, MiB (default: the profile's "
+                                                        "memory budget)")] = None,
+    min_decode_tok_s: Annotated[float | None, typer.Option(help="decode speed target, tokens/s")] = None,
+    max_ttft_ms: Annotated[float | None, typer.Option(help="time to first token target, ms (with --prompt-tokens)")]
+    = None,
+    prompt_tokens: Annotated[int | None, typer.Option(help="prompt length of --max-ttft-ms")] = None,
+    max_size_mb: Annotated[float | None, typer.Option(help="artifact size target, MiB")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="gguf | onnx (default: the profile's)")] = None,
+    dtypes: Annotated[str | None, typer.Option(help="dtypes to consider, comma-separated (default: q8_0,q4_k_m for "
+                                               "GGUF, int8 for ONNX)")] = None,
+    max_ppl_ratio: Annotated[float | None, typer.Option(help="quality target: PPL / dense PPL (predicted in the "
+                                                        "search, measured after)")] = None,
+    host: Annotated[str | None, typer.Option(help="profile on this SSH host (user@address) with `edgeprune ship`")]
+    = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("out/fit"),
+    threads: ThreadsOpt = None,
+    budget: Annotated[str, typer.Option(help="what LSPS spends: params, or latency (units cost their measured "
+                                        "decode time on the device)")] = "params",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override the pruning recipe: KEY=VALUE (TOML "
+                                                   "value; repeatable), e.g. --set recover_steps=0")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="PPL: score only the first N tokens")] = None,
+    profile_file: ProfileFileOpt = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Find the least compression (pruning ratio and dtype) predicted to meet a device's memory, speed, size and
+    quality targets; prune, export, evaluate and profile it on the device; report predicted vs measured."""
+    from edgeprune.fit.cli import command
+
+    code = command(model, device, max_memory_mb, min_decode_tok_s, max_ttft_ms, prompt_tokens, max_size_mb, fmt,
+                   dtypes, max_ppl_ratio, host, out_dir, threads, budget, set_ or [], max_tokens, profile_file,
+                   json_path, out.print)
+    if code:
+        raise typer.Exit(code)
+
+
 def main() -> None:
     try:
         app()

@@ -202,6 +202,9 @@ class PruneConfig:
                                "distillation)")
     piem_weights: list[float] = option([], "PIEM term weights 'alpha,beta,gamma' (weight, gradient, context); "
                                        "empty: PIEM's defaults")
+    # LSPS latency budget (edgeprune fit): per layer [cost of one KV group, of one MLP channel], e.g. decode ms;
+    # the ratio is then the share of that cost removed. None: the parameter budget
+    unit_cost: list | None = option(None, "LSPS cost per unit (Python API, edgeprune fit)", cli=False)
 
     def scorer_kwargs(self) -> dict:
         """``scorer_options`` plus the PIEM weights, if given."""
@@ -239,6 +242,8 @@ class PruneConfig:
             raise EdgePruneError("probe-ratio must be in (0, 1)")
         if not 0 <= self.min_module_ratio <= self.max_module_ratio < 1:
             raise EdgePruneError("need 0 <= min-module-ratio <= max-module-ratio < 1")
+        if self.unit_cost is not None and (self.allocator != "lsps" or self.attn_unit != "group"):
+            raise EdgePruneError("a latency budget (unit_cost) needs the lsps allocator with attention unit 'group'")
         self.recovery().validate()
 
     def to_dict(self) -> dict:

@@ -23,8 +23,10 @@ from edgeprune.teacher import teacher_targets
 __all__ = ["PruneConfig", "compensation_biases", "prune_model"]
 
 
-def _prunable(adapter) -> int:
-    return sum(c.prunable for c in unit_costs(adapter))
+def _prunable(adapter, unit_cost=None) -> float:
+    from edgeprune.allocation.base import priced
+
+    return sum(c.prunable for c in priced(unit_costs(adapter), unit_cost))
 
 
 def compensation_biases(adapter, plan: PruningPlan, means: dict) -> tuple[dict, dict]:
@@ -81,7 +83,7 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
     batches = calibration_batches(lm.tokenizer, calib, cfg.n_samples, cfg.seq_len, cfg.seed)
     probe = batches[: cfg.sensitivity_samples]
     before = param_counts(lm.adapter)
-    base_prunable = _prunable(lm.adapter)
+    base_prunable = _prunable(lm.adapter, cfg.unit_cost)
     plan = PruningPlan.identity(lm.adapter)
     rounds = []
     start = time.perf_counter()
@@ -93,7 +95,7 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
     for r in range(1, cfg.rounds + 1):
         # each round removes its share of the original budget, measured against the current model
         target = cfg.ratio * base_prunable * r / cfg.rounds
-        now = _prunable(lm.adapter)
+        now = _prunable(lm.adapter, cfg.unit_cost)
         round_ratio = min(max(0.0, (target - (base_prunable - now)) / now), 0.999)
         key = _dense_key(cfg, calib) if r == 1 else None
         if cache is not None and key in cache:

@@ -3,7 +3,7 @@ remove) into per-layer unit counts; it never decides *which* units (scores do) n
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 from edgeprune.errors import EdgePruneError
@@ -80,6 +80,17 @@ def unit_costs(adapter, attn_unit: str = "group") -> list[UnitCosts]:
     if attn_unit not in ATTN_UNITS:
         raise EdgePruneError(f"unknown attention unit '{attn_unit}'; choose from {', '.join(ATTN_UNITS)}")
     return [unit_costs_layer(layer, attn_unit) for layer in adapter.layers]
+
+
+def priced(costs, unit_cost, attn_unit: str = "group"):
+    """``costs`` with each unit's parameters replaced by ``unit_cost`` (per layer: [group, channel]); unchanged
+    when ``unit_cost`` is None."""
+    if unit_cost is None:
+        return costs
+    if attn_unit != "group" or len(unit_cost) != len(costs):
+        raise EdgePruneError("a cost per unit needs --attn-unit group and one [group, channel] pair per layer")
+    return [replace(c, attn_unit_params=float(g), channel_params=float(ch))
+            for c, (g, ch) in zip(costs, unit_cost, strict=True)]
 
 
 @dataclass

@@ -13,6 +13,7 @@ from edgeprune.allocation.base import (
     check_ratio,
     integerize,
     register,
+    priced,
     solve_ratios,
     unit_costs,
 )
@@ -26,19 +27,20 @@ class LSPS(Allocator):
     name = "lsps"
     needs_sensitivity = True
 
-    def __init__(self, tau: float = 1.0, min_ratio: float = 0.0, max_ratio: float = 0.8):
-        self.tau, self.min_ratio, self.max_ratio = tau, min_ratio, max_ratio
+    def __init__(self, tau: float = 1.0, min_ratio: float = 0.0, max_ratio: float = 0.8, unit_cost=None):
+        self.tau, self.min_ratio, self.max_ratio, self.unit_cost = tau, min_ratio, max_ratio, unit_cost
 
     @classmethod
     def from_config(cls, cfg, ratio):
         # a round's ratio may lie outside the user's module bounds (a small last round): widen them to it
-        return cls(cfg.tau, min(cfg.min_module_ratio, ratio), max(cfg.max_module_ratio, ratio))
+        return cls(cfg.tau, min(cfg.min_module_ratio, ratio), max(cfg.max_module_ratio, ratio),
+                   getattr(cfg, "unit_cost", None))
 
     def allocate(self, adapter, ratio, *, scores=None, sensitivities=None, attn_unit="group", round_to=1):
         if sensitivities is None:
             raise EdgePruneError("the lsps allocator needs layer sensitivities")
         return allocate_lsps(adapter, ratio, sensitivities, attn_unit, round_to, self.tau, self.min_ratio,
-                             self.max_ratio)
+                             self.max_ratio, self.unit_cost)
 
 
 @register
@@ -76,22 +78,33 @@ def _budget(costs, ratio: float) -> float:
 
 
 def allocate_lsps(adapter, ratio: float, sensitivities, attn_unit: str = "group", round_to: int = 1,
-                  tau: float = 1.0, min_ratio: float = 0.0, max_ratio: float = 0.8) -> Allocation:
+                  tau: float = 1.0, min_ratio: float = 0.0, max_ratio: float = 0.8, unit_cost=None) -> Allocation:
     """LSPS: every module (a layer's attention or MLP) gets a ratio r = clip(c * (s / mean s)^-tau,
     min_ratio, max_ratio), c chosen so the removed parameters meet the budget: sensitive modules lose less.
-    tau = 0 is uniform; larger tau follows the sensitivities more closely."""
+    tau = 0 is uniform; larger tau follows the sensitivities more closely.
+
+    ``unit_cost``: per layer, [cost of one KV group, cost of one MLP channel] in any unit (e.g. measured decode
+    milliseconds, edgeprune.fit): the budget is then ``ratio`` of the layers' total cost instead of their
+    parameters, so the allocation cuts where that cost goes. Group units only."""
     check_ratio(ratio)
     if not 0 <= min_ratio <= ratio <= max_ratio < 1:
         raise EdgePruneError(f"need 0 <= --min-module-ratio <= ratio <= --max-module-ratio < 1 "
                              f"(got {min_ratio}, {ratio}, {max_ratio})")
-    costs = unit_costs(adapter, attn_unit)
-    items, params, hi = [], [], []
-    for c, s in zip(costs, sensitivities, strict=True):
-        for kind, sens, p, n in (("attention", s.attention, c.attn_units * c.attn_unit_params, c.attn_units),
-                                 ("mlp", s.mlp, c.channels * c.channel_params, c.channels)):
+    plain = unit_costs(adapter, attn_unit)
+    costs = priced(plain, unit_cost, attn_unit)
+    items, params, hi, density = [], [], [], []
+    for c, c0, s in zip(costs, plain, sensitivities, strict=True):
+        for kind, sens, p, p0, n in (
+                ("attention", s.attention, c.attn_units * c.attn_unit_params, c0.attn_units * c0.attn_unit_params,
+                 c.attn_units),
+                ("mlp", s.mlp, c.channels * c.channel_params, c0.channels * c0.channel_params, c.channels)):
             items.append((c.index, kind, sens))
             params.append(p)
+            density.append(p / p0 if p0 else 0.0)  # cost per parameter: 1 with the parameter budget
             hi.append(min(max_ratio, (n - 1) / n) if n else 0.0)
+    # with a cost per unit, sensitivity is per unit of cost saved: modules whose parameters cost more lose more
+    mean_d = sum(density) / max(1, sum(1 for d in density if d)) or 1.0
+    items = [(i, k, s * mean_d / d if d else s) for (i, k, s), d in zip(items, density, strict=True)]
     positive = [s for _, _, s in items if s > 0]
     mean = sum(positive) / len(positive) if positive else 1.0
     floor = (min(positive) if positive else 1.0) * 1e-3

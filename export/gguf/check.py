@@ -21,15 +21,18 @@ from edgeprune.errors import EdgePruneError
 # ~30): f32 5e-5 (dense) / 3e-4 (deci), f16 0.035, q8_0 1.26 (top-1 0.97), q4_k_m 7.2 (top-1 0.86; 180 of 272
 # tensors fall back to q5_0/q8_0 because 576 is not a multiple of 256); tiny random models: f32 1e-6,
 # f16 2e-3, q8_0 0.045, q4_k_m 0.19.
-TOLERANCE = {"f32": 1e-2, "f16": 0.15, "q8_0": 2.5, "q4_k_m": 25.0}
+TOLERANCE = {"f32": 1e-2, "f16": 0.15, "q8_0": 8.0, "q4_k_m": 25.0}
 # 4-bit files are judged on the mean KL(PyTorch || llama.cpp) over the prompts' positions: their max |logit diff|
 # is one position's outlier (a pruned SmolLM2 at 30% gave 12.5 at a single position, KL 0.48 there and <= 0.07
 # everywhere else, with top-1 agreement 1.0 and PPL +2.5%); the max bound above is only a gross sanity check.
 # Measured mean KL of Q4_K_M on the check prompts: dense SmolLM2 0.12 (PPL +7%), that pruned model 0.05.
-MAX_MEAN_KL = {"q4_k_m": 0.25}
+MAX_MEAN_KL = {"q4_k_m": 0.25, "q8_0": 0.05}
+# q8_0 is judged on the mean KL too (its max bound above is a gross check): pruned SmolLM2 without distillation
+# (20-50 %, least-squares refit) gave max |logit diff| 2.4-4.5 at single positions with mean KL 0.008-0.012 and
+# top-1 agreement 0.90-1.0 (edgeprune fit's benchmark); the dense model: 1.26, KL well under 0.01.
 # Quantized files must also agree on the top-1 token this often; f32/f16 must instead give the same greedy tokens
 # (within the logit tolerance every top-1 flip is a near-tie: the reference's gap is at most 2x the tolerance).
-MIN_TOP1 = {"q8_0": 0.9, "q4_k_m": 0.75}
+MIN_TOP1 = {"q8_0": 0.85, "q4_k_m": 0.75}
 
 DEFAULT_PROMPTS = (
     "The capital of France is",

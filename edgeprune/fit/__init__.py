@@ -1,0 +1,7 @@
+"""``edgeprune fit``: find the least compression (pruning ratio and dtype together) predicted to meet a device's
+memory, speed, size and quality targets, then prune, export, evaluate and profile it on the device.
+
+``shapes`` (sizes without weights), ``memory`` (the profiler's memory check on a predicted artifact),
+``latency`` + ``synthetic`` (the per-device latency table and model), ``search`` (the choice), ``run`` (the
+command). Importing this package imports no torch; pruning and exporting (``run``) do.
+"""

@@ -1,0 +1,400 @@
+"""``edgeprune fit MODEL --device NAME``: predict, choose, then prove it on the device.
+
+1. the device's latency model (measured once per device and runtime with synthetic shapes, then cached;
+   only when a speed target is set or a table is cached already) and the profiler's memory check on predicted
+   artifacts give every (ratio, dtype) of the format its predicted memory, size, decode speed, TTFT and quality;
+2. the configuration with the best predicted quality that is predicted to meet every target is pruned with the
+   product's full recipe (the ``[prune]`` section of ``edgeprune/configs/demo.toml``), exported, evaluated (PPL in
+   the runtime, against the dense model's PyTorch PPL) and profiled on the device (here, or over SSH);
+3. predicted and measured values are reported for every target; on a miss, the predictions are corrected by the
+   measured/predicted factors and the next more compressed configuration is tried once.
+
+Outputs (``--out``): ``r{RATIO}/model`` (pruned checkpoints), ``r{RATIO}-{FMT}-{DTYPE}/artifact``, their PPL and
+profile JSON, and ``fit.json``. Does NOT touch the run pipeline's directory layout or config (a ``[fit]`` section
+is for later).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgeprune.errors import EdgePruneError
+from edgeprune.fit import latency, search
+from edgeprune.fit.memory import profile_settings
+from edgeprune.fit.shapes import ModelShape, from_checkpoint
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+SCHEMA = "edgeprune.fit/1"
+# round 1's scores and sensitivities of the dense model, shared by every prune of this process (they do not
+# depend on the ratio or the budget; prune_model keys them by everything they do depend on)
+_SCORES: dict = {}
+
+
+@dataclass
+class FitOptions:
+    model: str = "default"
+    device: str = "cpu"
+    targets: search.Targets = field(default_factory=search.Targets)
+    fmt: str | None = None
+    dtypes: list[str] | None = None
+    host: str | None = None
+    out: Path = Path("out/fit")
+    work: Path | None = None  # where checkpoints and artifacts go (default: out); shared by several fits
+    profile_file: Path | None = None
+    threads: str | None = None
+    budget: str = "params"  # what LSPS spends: "params" or "latency" (units cost their measured decode time)
+    recipe: dict = field(default_factory=dict)  # [prune] overrides, e.g. {"recover_steps": 0}
+    max_tokens: int | None = None  # PPL tokens (default: the recipe's evaluate.max_tokens)
+    measure_tables: bool | None = None  # None: only when a speed target is set
+    # speed predictions x measured / predicted of the dense artifact, profiled first in the same run: the latency
+    # table's machine state (load, clocks) cancels out. ``scale``: such factors known already (skips the anchor)
+    anchor: bool = True
+    scale: dict | None = None
+
+
+def _log(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- recipe, texts --------------------------------------------------------------------------------------------
+def recipe(overrides: dict, unit_cost=None):
+    """The product's default pruning recipe (demo.toml's [prune]) with overrides, its calibration and
+    evaluation text specs and PPL settings."""
+    from dataclasses import fields
+
+    from edgeprune.io import read_toml
+    from edgeprune.prune import PruneConfig
+
+    cfg = read_toml(RECIPE, "run config")
+    known = {f.name for f in fields(PruneConfig)}
+    section = {**cfg.get("prune", {}), **overrides}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise EdgePruneError(f"unknown prune setting(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    pcfg = PruneConfig(**{k: v for k, v in section.items() if k in known})
+    if unit_cost is not None:
+        pcfg.unit_cost = unit_cost
+    pcfg.validate()
+    return pcfg, cfg.get("data", {}), cfg.get("evaluate", {})
+
+
+def resolve_text(spec, split: str):
+    from edgeprune.data import BUILTIN, DATASETS, load_text
+
+    for c in spec if isinstance(spec, list) else [spec]:
+        if c == BUILTIN or c in DATASETS or Path(c).expanduser().exists():
+            return load_text(c, split)
+    raise EdgePruneError(f"none of the {split} texts exist: {spec}")
+
+
+# ---- latency models -------------------------------------------------------------------------------------------
+def latency_models(opts: FitOptions, prof, fmt: str, dtypes, base: ModelShape, ckpt: Path, settings: dict,
+                   runner, measure: bool) -> dict:
+    """dtype -> LatencyModel, from the cache or measured now (``measure``); None where neither."""
+    models = {}
+    for dtype in dtypes:
+        key, ident = latency.table_key(prof.name, opts.host, fmt, dtype, base, settings, settings.get("threads"))
+        table = latency.load_table(key)
+        if table is None and measure:
+            _log(f"measuring the latency table of {prof.name} ({fmt} {dtype}): synthetic shapes, once per device "
+                 f"and runtime; cached as {latency.cache_root() / key}.json")
+            table = latency.measure_table(key, ident, base, ckpt, fmt, dtype, runner, log=_log)
+        models[dtype] = latency.LatencyModel.fit(table) if table else None
+        if table:
+            e = models[dtype].errors["held_out"]["decode_tok_s"]
+            _log(f"latency model {fmt} {dtype}: {table['path']} (held-out decode error: mean "
+                 f"{100 * (e['mean_abs'] or 0):.1f}%, max {100 * (e['max_abs'] or 0):.1f}%)")
+    return models
+
+
+# ---- device -------------------------------------------------------------------------------------------------
+def make_runner(opts: FitOptions, prof, settings: dict):
+    """artifact dir -> the profiler's JSON document, run here or shipped to ``--host``."""
+    from edgeprune.devices import ship
+
+    overrides = {"prompt_lengths": settings["prompt_lengths"], "new_tokens": settings["new_tokens"],
+                 "threads": settings.get("threads")}
+    if opts.host:
+        remote = ship.resolve_remote(prof, opts.host)
+        return lambda art: ship.ship(Path(art), prof, remote, overrides=overrides, quiet=True)
+    return lambda art: ship.profile_local(Path(art), prof, overrides, quiet=True)
+
+
+def default_budget(prof, host: str | None) -> float | None:
+    from edgeprune.devices import profiler
+
+    b = prof.memory_budget_mb
+    if b == "auto":
+        return None if host else profiler.resolve_budget("auto")  # "auto" on a remote: only the device knows
+    return float(b) if b is not None else None
+
+
+# ---- realise one configuration ----------------------------------------------------------------------------------
+def _tag(ratio: float, budget: str = "params") -> str:
+    return f"r{round(100 * ratio):02d}" + ("-latency" if budget == "latency" else "")
+
+
+def prune_to(opts: FitOptions, ckpt: Path, ratio: float, pcfg_base, data: dict, out: Path) -> Path:
+    """The checkpoint pruned to ``ratio`` with the recipe (reused when ``out`` holds the same settings)."""
+    from dataclasses import replace
+
+    if ratio == 0:
+        return ckpt
+    pcfg = replace(pcfg_base, ratio=ratio)
+    model_dir = out / _tag(ratio, opts.budget) / "model"
+    want = asdict(pcfg)
+    try:
+        have = json.loads((model_dir / "manifest.json").read_text()).get("config")
+    except (OSError, ValueError):
+        have = None
+    if have == json.loads(json.dumps(want)):
+        _log(f"reusing {model_dir} (same recipe and ratio)")
+        return model_dir
+    from edgeprune.checkpoint import save_checkpoint
+    from edgeprune.models import load
+    from edgeprune.prune import prune_model
+
+    _log(f"pruning {opts.model} to ratio {ratio:.2f} ({pcfg.scorer} + {pcfg.allocator}, {pcfg.rounds} rounds, "
+         f"refit {pcfg.reconstruct}, {pcfg.recover_steps} distillation steps, {opts.budget} budget)")
+    lm = load(opts.model)
+    record = prune_model(lm, pcfg, resolve_text(data.get("calib", "builtin"), "calib"), progress=False,
+                         cache=_SCORES.setdefault(opts.model, {}))
+    save_checkpoint(lm, model_dir, {"source_model": opts.model, "source": lm.source, **record})
+    return model_dir
+
+
+def export_to(model_dir: Path, fmt: str, dtype: str, out: Path) -> Path:
+    from edgeprune.export.artifacts import export_artifact
+
+    art = out / "artifact"
+    try:
+        src = json.loads((art / "manifest.json").read_text()).get("source")
+    except (OSError, ValueError):
+        src = None
+    if src and Path(src).resolve() == Path(model_dir).resolve():
+        return art
+    _log(f"exporting {model_dir} as {fmt} {dtype}")
+    export_artifact(str(model_dir), fmt, dtype, art)
+    return art
+
+
+def artifact_ppl(art: Path, fmt: str, text, ev: dict, max_tokens: int | None) -> float:
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(art / "tokenizer.json")).encode(text.text, add_special_tokens=False).ids
+    if fmt == "onnx":
+        from edgeprune.devices.ort_generate import OrtGenerator
+
+        return OrtGenerator(art, threads=ev.get("threads") or None).perplexity(
+            ids, ev.get("seq_len", 128), max_tokens=max_tokens, batch_size=ev.get("batch_size", 8))["ppl"]
+    from edgeprune.export.gguf import gguf_perplexity
+
+    return gguf_perplexity(art / "model.gguf", text, ev.get("seq_len", 128), max_tokens, token_ids=ids,
+                           n_threads=ev.get("threads") or None)["ppl"]
+
+
+def dense_ppl(opts: FitOptions, text, ev: dict, max_tokens: int | None) -> float:
+    """The dense model's PyTorch fp32 PPL on the same tokens (cached in the output directory)."""
+    path = (opts.work or opts.out) / "dense_ppl.json"
+    key = {"model": opts.model, "text": text.sha256, "seq_len": ev.get("seq_len", 128), "max_tokens": max_tokens}
+    try:
+        cached = json.loads(path.read_text())
+        if cached["key"] == key:
+            return cached["ppl"]
+    except (OSError, ValueError, KeyError):
+        pass
+    from edgeprune.evaluate.ppl import perplexity
+    from edgeprune.io import write_json
+    from edgeprune.models import load
+
+    lm = load(opts.model)
+    ppl = perplexity(lm.model, lm.tokenizer, text, ev.get("seq_len", 128), max_tokens=max_tokens,
+                     batch_size=ev.get("batch_size", 8), progress=False)["ppl"]
+    write_json(path, {"key": key, "ppl": ppl})
+    return ppl
+
+
+def measured_values(doc: dict, prompt: int | None, ppl: float, ref_ppl: float) -> dict:
+    """The measured value of every target. Speeds are the fastest repeat's, as in the latency table (medians
+    beside them)."""
+    ttft = latency.best_ttft_ms(doc)
+    median_ttft = {r["prompt_tokens"]: r["ttft_ms"] for r in doc["prefill"]}
+    return {"memory_mb": doc["memory"]["peak_rss_mb"], "memory_check_mb": doc["memory_check"]["estimate_mb"],
+            "size_mb": round(doc["artifact"]["size_bytes"] / 2**20, 1),
+            "decode_tok_s": latency.best_decode_tok_s(doc), "decode_tok_s_median": doc["decode"]["tokens_per_s"],
+            "ttft_ms": ttft.get(prompt) if prompt else None,
+            "ttft_ms_median": median_ttft.get(prompt) if prompt else None,
+            "ppl": round(ppl, 3), "ppl_ratio": round(ppl / ref_ppl, 4),
+            "load_avg": [doc["machine"].get("load_avg"), doc["machine"].get("load_avg_end")]}
+
+
+def realise(opts, cand: search.Candidate, ctx: dict) -> dict:
+    """Prune, export, evaluate and profile one configuration; predicted (search and actual shapes) vs measured."""
+    start = time.perf_counter()
+    work = opts.work or opts.out
+    model_dir = prune_to(opts, ctx["ckpt"], cand.ratio, ctx["pcfg"], ctx["data"], work)
+    art = export_to(model_dir, cand.fmt, cand.dtype, work / f"{_tag(cand.ratio, opts.budget)}-{cand.fmt}-{cand.dtype}")
+    shape = from_checkpoint(model_dir)
+    shaped = search.predict(shape, 0.0, cand.fmt, cand.dtype, ctx["models"], ctx["settings"], opts.targets,
+                            extra_bytes=ctx["extra_bytes"], scale=ctx.get("scale")).predicted
+    shaped["ppl_ratio"] = cand.predicted["ppl_ratio"]
+    _log(f"PPL of {art}")
+    ppl = artifact_ppl(art, cand.fmt, ctx["eval_text"], ctx["ev"], ctx["max_tokens"])
+    _log(f"profiling {art} on {opts.host or ctx['device']}")
+    doc = ctx["runner"](art)
+    from edgeprune.io import write_json
+
+    write_json(art.parent / "profile.json", doc)
+    measured = measured_values(doc, opts.targets.prompt_tokens, ppl, ctx["ref_ppl"])
+    return {"ratio": cand.ratio, "format": cand.fmt, "dtype": cand.dtype, "checkpoint": str(model_dir),
+            "artifact": str(art), "predicted": cand.predicted, "predicted_from_shapes": shaped,
+            "measured": measured, "missed": search.misses(_as_targets(measured), opts.targets),
+            "memory_check": doc.get("memory_check"), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _as_targets(measured: dict) -> dict:
+    return {k: v for k, v in measured.items() if v is not None}
+
+
+def corrections(attempt: dict) -> dict:
+    """measured / predicted (from the actual shapes, anchor included) for the quantities a miss can be corrected
+    by."""
+    p, m = attempt["predicted_from_shapes"], attempt["measured"]
+    out = {}
+    for name, key in (("decode", "decode_tok_s"), ("ttft", "ttft_ms"), ("memory", "memory_mb")):
+        if p.get(key) and m.get(key):
+            out[name] = m[key] / p[key]
+    return out
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+def prepare(opts: FitOptions) -> dict:
+    """Everything the search and ``realise`` need: profile, format, dtypes, shapes, latency models, recipe, texts,
+    the device runner and every candidate's predictions."""
+    from edgeprune.devices import profiles
+    from edgeprune.export.artifacts import TOKENIZER_FILES, resolve_checkpoint
+
+    opts.targets.validate()
+    prof = profiles.load(opts.device, opts.profile_file)
+    fmt = opts.fmt or prof.preferred_format
+    if fmt not in search.FORMAT_DTYPES:
+        raise EdgePruneError(f"unknown format '{fmt}'; choose from gguf, onnx")
+    prof.check_format(fmt)
+    dtypes = list(opts.dtypes or search.DEFAULT_DTYPES[fmt])
+    bad = [d for d in dtypes if d not in search.FORMAT_DTYPES[fmt]]
+    if bad:
+        raise EdgePruneError(f"{fmt} takes dtypes {', '.join(search.FORMAT_DTYPES[fmt])}, not {', '.join(bad)}")
+    if opts.budget not in ("params", "latency"):
+        raise EdgePruneError(f"--budget is 'params' or 'latency', not '{opts.budget}'")
+    opts.targets.budget_mb = default_budget(prof, opts.host)  # else the profiler would refuse the artifact
+    pcfg, data, ev = recipe(opts.recipe)
+    ckpt = resolve_checkpoint(opts.model)
+    base = from_checkpoint(ckpt)
+    settings = profile_settings(prof, {"threads": opts.threads})
+    settings["threads"] = opts.threads if opts.threads is not None else prof.threads
+    if opts.targets.prompt_tokens:
+        settings["prompt_lengths"] = sorted({*settings["prompt_lengths"], opts.targets.prompt_tokens})
+    runner = make_runner(opts, prof, settings)
+    speed = opts.targets.min_decode_tok_s is not None or opts.targets.max_ttft_ms is not None
+    measure = speed if opts.measure_tables is None else opts.measure_tables
+    models = latency_models(opts, prof, fmt, dtypes, base, ckpt, settings, runner, measure or opts.budget == "latency")
+    unit_cost = None
+    if opts.budget == "latency":
+        if models.get(dtypes[0]) is None:
+            raise EdgePruneError("--budget latency needs the device's latency table")
+        unit_cost = [list(x) for x in zip(*models[dtypes[0]].unit_ms(base), strict=True)]
+        pcfg, data, ev = recipe(opts.recipe, unit_cost)
+    extra = sum((ckpt / n).stat().st_size for n in TOKENIZER_FILES if (ckpt / n).is_file())
+    extra += 2048  # manifest.json
+    scale = dict(opts.scale or {})
+    cands = search.candidates(base, fmt, dtypes, models, settings, opts.targets, pcfg.round_to, extra_bytes=extra,
+                              unit_cost=unit_cost, scale=scale)
+    max_tokens = opts.max_tokens if opts.max_tokens is not None else (ev.get("max_tokens") or None)
+    return {"prof": prof, "fmt": fmt, "dtypes": dtypes, "base": base, "cands": cands, "ckpt": ckpt, "pcfg": pcfg,
+            "data": data, "ev": ev, "models": models, "settings": settings, "runner": runner,
+            "max_tokens": max_tokens, "device": prof.name, "extra_bytes": extra, "unit_cost": unit_cost,
+            "scale": scale}
+
+
+def anchor(opts: FitOptions, ctx: dict) -> dict:
+    """Profile the dense model in each dtype (each has its own table, measured at its own time) and return
+    measured / predicted decode speed and TTFT per dtype ("decode:q8_0", ...)."""
+    work = opts.work or opts.out
+    out = {}
+    for dtype in ctx["dtypes"]:
+        if ctx["models"].get(dtype) is None:
+            continue
+        art = export_to(ctx["ckpt"], ctx["fmt"], dtype, work / f"r00-{ctx['fmt']}-{dtype}")
+        _log(f"profiling the dense {ctx['fmt']} {dtype} artifact on {opts.host or ctx['device']} (the anchor of "
+             f"the speed predictions)")
+        out.update(anchor_factors(ctx["runner"](art), ctx, dtype, opts.targets))
+    return out
+
+
+def anchor_factors(doc: dict, ctx: dict, dtype: str, targets: search.Targets) -> dict:
+    """measured / predicted speed of the dense artifact in ``dtype`` from its profile document."""
+    pred = search.predict(ctx["base"], 0.0, ctx["fmt"], dtype, ctx["models"], ctx["settings"], targets,
+                          extra_bytes=ctx["extra_bytes"]).predicted
+    out = {}
+    if pred.get("decode_tok_s"):
+        out[f"decode:{dtype}"] = latency.best_decode_tok_s(doc) / pred["decode_tok_s"]
+    if pred.get("ttft_ms") and targets.prompt_tokens:
+        out[f"ttft:{dtype}"] = latency.best_ttft_ms(doc)[targets.prompt_tokens] / pred["ttft_ms"]
+    return out
+
+
+def evaluation(opts: FitOptions, ctx: dict) -> None:
+    """Load the evaluation text and the dense model's PPL into ``ctx`` (before ``realise``)."""
+    ctx["eval_text"] = resolve_text(ctx["data"].get("eval", "builtin"), "eval")
+    (opts.work or opts.out).mkdir(parents=True, exist_ok=True)
+    ctx["ref_ppl"] = dense_ppl(opts, ctx["eval_text"], ctx["ev"], ctx["max_tokens"])
+
+
+def fit(opts: FitOptions) -> dict:
+    ctx = prepare(opts)
+    prof, fmt, dtypes, base, cands = ctx["prof"], ctx["fmt"], ctx["dtypes"], ctx["base"], ctx["cands"]
+    models, settings, pcfg, extra, unit_cost = (ctx[k] for k in ("models", "settings", "pcfg", "extra_bytes",
+                                                                   "unit_cost"))
+    speed = opts.targets.min_decode_tok_s is not None or opts.targets.max_ttft_ms is not None
+    if opts.anchor and speed and not opts.scale and models.get(dtypes[0]) is not None:
+        ctx["scale"] = anchor(opts, ctx)
+        _log(f"anchor: measured / predicted dense speed {json.dumps({k: round(v, 3) for k, v in ctx['scale'].items()})}")
+        cands = search.candidates(base, fmt, dtypes, models, settings, opts.targets, pcfg.round_to,
+                                  extra_bytes=extra, unit_cost=unit_cost, scale=ctx["scale"])
+    choice = search.choose(cands, opts.targets, prof.name)
+    _log(f"chosen: {choice.label}; predicted {json.dumps(choice.predicted)}")
+    evaluation(opts, ctx)
+    attempts = [realise(opts, choice, ctx)]
+    stepped = None
+    if attempts[0]["missed"]:
+        d = choice.dtype  # the miss corrects the predictions of the dtype that was measured
+        scale = {**ctx["scale"], **{f"{k}:{d}": ctx["scale"].get(f"{k}:{d}", ctx["scale"].get(k, 1.0)) * v
+                                    for k, v in corrections(attempts[0]).items()}}
+        again = search.candidates(base, fmt, dtypes, models, settings, opts.targets, pcfg.round_to,
+                                  extra_bytes=extra, scale=scale, unit_cost=unit_cost)
+        try:
+            nxt = search.choose(again, opts.targets, prof.name, after=choice)
+            stepped = {"why": attempts[0]["missed"], "corrections": scale, "next": nxt.label}
+            _log(f"measured miss ({', '.join(attempts[0]['missed'])}): stepping once to {nxt.label} "
+                 f"(predictions x {json.dumps({k: round(v, 3) for k, v in scale.items()})})")
+            attempts.append(realise(opts, nxt, ctx))
+        except search.Unreachable as e:
+            stepped = {"why": attempts[0]["missed"], "corrections": scale, "next": None, "reason": str(e)}
+    final = attempts[-1]
+    result = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "model": opts.model, "device": prof.name, "host": opts.host, "format": fmt, "dtypes": dtypes,
+              "budget": opts.budget, "targets": asdict(opts.targets), "settings": settings, "scale": ctx["scale"],
+              "recipe": asdict(pcfg) | {"ratio": None}, "dense_ppl": ctx["ref_ppl"],
+              "latency_models": {d: (asdict(m) if m else None) for d, m in models.items()},
+              "candidates": [asdict(c) for c in cands], "choice": asdict(choice), "attempts": attempts,
+              "stepped": stepped, "met": not final["missed"], "final": final}
+    from edgeprune.io import write_json
+
+    opts.out.mkdir(parents=True, exist_ok=True)
+    write_json(opts.out / "fit.json", result)
+    return result
