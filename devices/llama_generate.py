@@ -74,7 +74,7 @@ def _cpu_has_amx() -> bool:
 
 
 @contextlib.contextmanager
-def _no_extra_buffer_types(llama_cpp):
+def no_extra_buffer_types(llama_cpp):
     """Load with ``use_extra_bufts = False`` (llama-cpp-python does not expose the flag). The llama.cpp bundled
     with llama-cpp-python 0.3.36 segfaults in llama_decode on quantized GGUFs with the CPU's extra buffer types
     (AMX / repacked weights) on AMX CPUs; see export/gguf.py."""
@@ -121,7 +121,7 @@ class LlamaGenerator:
         self.n_gpu_layers = int(n_gpu_layers)
         self.gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
         n_batch = max(1, min(int(n_batch), int(n_ctx)))
-        guard = contextlib.nullcontext() if self.extra_buffer_types else _no_extra_buffer_types(llama_cpp)
+        guard = contextlib.nullcontext() if self.extra_buffer_types else no_extra_buffer_types(llama_cpp)
         with guard:
             self.llm = llama_cpp.Llama(str(path), n_ctx=int(n_ctx), n_batch=n_batch, n_ubatch=n_batch,
                                        n_threads=threads, n_threads_batch=threads, n_gpu_layers=self.n_gpu_layers,

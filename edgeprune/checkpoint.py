@@ -23,7 +23,7 @@ from edgeprune.io import MANIFEST, atomic_dir, manifest, write_json
 REMOTE_FILE = "modeling_edgeprune.py"
 
 
-def _plain_config_ok(adapter, cfg: dict) -> bool:
+def plain_config_ok(adapter, cfg: dict) -> bool:
     if not is_uniform(adapter.shapes()):
         return False
     if any(cfg.get("layer_attention_out_bias") or []) or any(cfg.get("layer_mlp_out_bias") or []):
@@ -61,7 +61,7 @@ def save_checkpoint(lm, out_dir: str | Path, fields: dict) -> Path:
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
         base_type = adapter.family
-        if _plain_config_ok(adapter, cfg):
+        if plain_config_ok(adapter, cfg):
             for k in LAYER_KEYS:
                 cfg.pop(k, None)
             cfg["model_type"] = base_type

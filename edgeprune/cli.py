@@ -13,6 +13,7 @@ from rich.table import Table
 
 from edgeprune import cli_devices
 from edgeprune.cli_app import JsonOpt, ModelArg, app, console, out, write_result
+from edgeprune.cli_devices import DeviceOpt, ProfileFileOpt
 from edgeprune.cli_options import config_options
 from edgeprune.config import DataSpec, ModelLoad, PruneConfig
 from edgeprune.errors import EdgePruneError
@@ -272,6 +273,9 @@ def _parse_tasks(tasks: str | None) -> list[str]:
 app.command()(cli_devices.devices)
 app.command("profile")(cli_devices.profile_cmd)
 app.command("ship")(cli_devices.ship_cmd)
+
+
+ThreadsOpt = Annotated[str | None, typer.Option(help="runtime threads, or 'auto' (default: the profile's)")]
 
 
 @app.command("fit")

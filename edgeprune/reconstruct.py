@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from edgeprune.plan import PruningPlan
-from edgeprune.scoring.calibration import _run_layer, capture_layer0_inputs
-from edgeprune.surgery import _dims, cut_attention, cut_mlp
+from edgeprune.scoring.calibration import capture_layer0_inputs, run_layer
+from edgeprune.surgery import cut_attention, cut_mlp, unit_dims
 
 
 class _Gram:
@@ -39,13 +39,13 @@ class _Gram:
         self.g += x.T @ x
 
 
-def _gram_of_input(layer_module, proj: torch.nn.Linear, inputs: list) -> torch.Tensor:
+def gram_of_input(layer_module, proj: torch.nn.Linear, inputs: list) -> torch.Tensor:
     gram = _Gram(proj.in_features, proj.weight.device)
     handle = proj.register_forward_pre_hook(lambda _m, args: gram.update(args[0]))
     try:
         with torch.no_grad():
             for hidden, kw in inputs:
-                _run_layer(layer_module, hidden, kw)
+                run_layer(layer_module, hidden, kw)
     finally:
         handle.remove()
     return gram.g
@@ -68,7 +68,7 @@ def refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, k
     return new[:, :-1].to(weight.dtype), new[:, -1].to(weight.dtype)
 
 
-def _set(lin: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
+def set_linear(lin: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
     lin.weight.data.copy_(weight)
     if lin.bias is None:
         lin.bias = torch.nn.Parameter(bias.clone())
@@ -106,15 +106,15 @@ def apply_plan_reconstruct(adapter, plan: PruningPlan, batches: torch.Tensor, mi
             continue
         if layer.has_attention and (len(lp.heads) < layer.num_heads):
             o = layer.attention_projections().o
-            gram = _gram_of_input(layer.layer, o, inputs)
-            keep = _dims(lp.heads, layer.head_dim)
+            gram = gram_of_input(layer.layer, o, inputs)
+            keep = unit_dims(lp.heads, layer.head_dim)
             w, b = refit(o.weight.data, o.bias.data if o.bias is not None else None, gram, keep, damp)
             cut_attention(layer, lp, b)
             if lp.kv_heads:
-                _set(layer.attention_projections().o, w, b)
+                set_linear(layer.attention_projections().o, w, b)
         if layer.has_mlp and len(lp.channels) < layer.intermediate_size:
             down = layer.mlp_projections().down
-            gram = _gram_of_input(layer.layer, down, inputs)
+            gram = gram_of_input(layer.layer, down, inputs)
             keep = torch.tensor(lp.channels, dtype=torch.long)
             b0 = down.bias.data if down.bias is not None else None
             if mlp_weights:
@@ -123,9 +123,9 @@ def apply_plan_reconstruct(adapter, plan: PruningPlan, batches: torch.Tensor, mi
                 w, b = down.weight.data[:, keep], bias_only(down.weight.data, b0, gram, keep)
             cut_mlp(layer, lp, b)
             if lp.channels:
-                _set(layer.mlp_projections().down, w, b)
+                set_linear(layer.mlp_projections().down, w, b)
         with torch.no_grad():
-            inputs = [(_run_layer(layer.layer, hidden, kw), kw) for hidden, kw in inputs]
+            inputs = [(run_layer(layer.layer, hidden, kw), kw) for hidden, kw in inputs]
         record.append(lp.index)
     drops = [lp.index for lp in plan.layers if lp.drop]
     if drops:

@@ -30,10 +30,10 @@ import torch
 
 from edgeprune.errors import EdgePruneError
 from edgeprune.plan import PruningPlan, compose
-from edgeprune.reconstruct import _gram_of_input, _set, bias_only, refit
-from edgeprune.scoring.calibration import _run_layer, capture_layer0_inputs, collect_layer_stats
+from edgeprune.reconstruct import bias_only, gram_of_input, refit, set_linear
+from edgeprune.scoring.calibration import capture_layer0_inputs, collect_layer_stats, run_layer
 from edgeprune.streaming import LayerShardWriter, StreamedModel, layer_state, release, write_config
-from edgeprune.surgery import _dims, cut_attention, cut_mlp
+from edgeprune.surgery import cut_attention, cut_mlp, unit_dims
 
 GRADIENTS = ("lens", "none")
 DEFAULT_GRADIENT = "lens"  # measured: bench/stream_gradient.py, README "Scale"
@@ -55,9 +55,9 @@ def _stream_scorer(scorer, gradient: str):
 def _projections(layer) -> dict[str, torch.nn.Linear]:
     out = {}
     if layer.has_attention:
-        out.update(zip(("q", "k", "v", "o"), layer.attention_projections(), strict=True))
+        out.update(layer.attention_projections()._asdict())
     if layer.has_mlp:
-        out.update(zip(("gate", "up", "down"), layer.mlp_projections(), strict=True))
+        out.update(layer.mlp_projections()._asdict())
     return out
 
 
@@ -75,7 +75,7 @@ def lens_gradients(adapter, layer, inputs: list, batches: torch.Tensor, micro_ba
         with torch.enable_grad():
             for j, (hidden, kw) in enumerate(inputs):
                 ids = batches[j * micro_batch:(j + 1) * micro_batch]
-                out = _run_layer(layer.layer, hidden, kw)
+                out = run_layer(layer.layer, hidden, kw)
                 logits = adapter.lm_head(adapter.final_norm(out[:, :-1][:, ::stride])).float()
                 loss = torch.nn.functional.cross_entropy(
                     logits.reshape(-1, logits.size(-1)), ids[:, 1::stride].reshape(-1), reduction="sum") / n_total
@@ -129,16 +129,16 @@ def reconstruct_layer(layer, lp, inputs: list, damp: float = 1e-3, mlp_weights: 
     """One layer of reconstruct.apply_plan_reconstruct: cut the plan in, refitting o_proj (and down_proj's bias,
     or its kept columns too with ``mlp_weights``) by least squares on ``inputs``."""
     if layer.has_attention and len(lp.heads) < layer.num_heads:
-        o = layer.attention_projections()[3]
-        gram = _gram_of_input(layer.layer, o, inputs)
+        o = layer.attention_projections().o
+        gram = gram_of_input(layer.layer, o, inputs)
         w, b = refit(o.weight.data, o.bias.data if o.bias is not None else None, gram,
-                     _dims(lp.heads, layer.head_dim), damp)
+                     unit_dims(lp.heads, layer.head_dim), damp)
         cut_attention(layer, lp, b)
         if lp.kv_heads:
-            _set(layer.attention_projections()[3], w, b)
+            set_linear(layer.attention_projections().o, w, b)
     if layer.has_mlp and len(lp.channels) < layer.intermediate_size:
-        down = layer.mlp_projections()[2]
-        gram = _gram_of_input(layer.layer, down, inputs)
+        down = layer.mlp_projections().down
+        gram = gram_of_input(layer.layer, down, inputs)
         keep = torch.tensor(lp.channels, dtype=torch.long)
         b0 = down.bias.data if down.bias is not None else None
         if mlp_weights:
@@ -147,18 +147,18 @@ def reconstruct_layer(layer, lp, inputs: list, damp: float = 1e-3, mlp_weights: 
             w, b = down.weight.data[:, keep], bias_only(down.weight.data, b0, gram, keep)
         cut_mlp(layer, lp, b)
         if lp.channels:
-            _set(layer.mlp_projections()[2], w, b)
+            set_linear(layer.mlp_projections().down, w, b)
 
 
 def _compensation(layer, lp, means: dict) -> tuple:
     """prune.compensation_biases for one layer: the removed units' mean contribution."""
     attn = mlp = None
     if layer.has_attention and means.get("attention") is not None and len(lp.heads) < layer.num_heads:
-        o = layer.attention_projections()[3]
-        gone = _dims([h for h in range(layer.num_heads) if h not in set(lp.heads)], layer.head_dim)
+        o = layer.attention_projections().o
+        gone = unit_dims([h for h in range(layer.num_heads) if h not in set(lp.heads)], layer.head_dim)
         attn = o.weight[:, gone] @ means["attention"][gone].to(o.weight.dtype)
     if layer.has_mlp and means.get("mlp") is not None and len(lp.channels) < layer.intermediate_size:
-        down = layer.mlp_projections()[2]
+        down = layer.mlp_projections().down
         keep = set(lp.channels)
         gone = torch.tensor([c for c in range(layer.intermediate_size) if c not in keep], dtype=torch.long)
         mlp = down.weight[:, gone] @ means["mlp"][gone].to(down.weight.dtype)
@@ -186,7 +186,7 @@ def stream_apply(sm: StreamedModel, plan: PruningPlan, out: Path, batches: torch
         with sm.layer(lp.index) as layer, torch.no_grad():
             if reconstruct:
                 reconstruct_layer(layer, lp, inputs, damp)
-                inputs = [(_run_layer(layer.layer, hidden, kw), kw) for hidden, kw in inputs]
+                inputs = [(run_layer(layer.layer, hidden, kw), kw) for hidden, kw in inputs]
             else:
                 attn, mlp = _compensation(layer, lp, (means or {}).get(lp.index, {}))
                 cut_attention(layer, lp, attn)

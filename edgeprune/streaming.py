@@ -32,12 +32,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def source_dir(spec: str) -> Path:
     """The safetensors directory a model spec streams from: a model directory as is; ``default`` or a ``.gguf``
     file through its safetensors cache (written by one ordinary load the first time)."""
-    from edgeprune.models.loader import DEFAULT_MODEL, _gguf_cache_path, resolve_default_gguf
+    from edgeprune.models.loader import DEFAULT_MODEL, gguf_cache_path, resolve_default_gguf
 
     path = Path(spec).expanduser()
     if spec == DEFAULT_MODEL or path.suffix == ".gguf":
         gguf = resolve_default_gguf() if spec == DEFAULT_MODEL else path
-        cached = _gguf_cache_path(gguf)
+        cached = gguf_cache_path(gguf)
         if not (cached / "manifest.json").is_file():
             from edgeprune.models import load
 
@@ -72,15 +72,17 @@ def _skeleton(path: Path, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from edgeprune.adapters import check_model_type
-    from edgeprune.models.loader import _read_config
+    from edgeprune.models.loader import read_config
 
-    model_type = _read_config(path).get("model_type", "?")
+    model_type = read_config(path).get("model_type", "?")
     check_model_type(model_type)
     with init_empty_weights():
         if model_type.startswith("edgeprune_"):
+            from edgeprune.adapters.families import remote_layout
             from edgeprune.models import remote_code
 
-            config_cls, cls = remote_code.make_classes(model_type.removeprefix("edgeprune_"))
+            family = model_type.removeprefix("edgeprune_")
+            config_cls, cls = remote_code.make_classes(family, remote_layout(family))
             model = cls(config_cls.from_pretrained(path))
         else:
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
@@ -94,11 +96,11 @@ class StreamedModel:
 
     def __init__(self, path: str | Path, dtype: str = "float32"):
         from edgeprune.adapters import get_adapter
-        from edgeprune.models.loader import _quiet_transformers
+        from edgeprune.models.loader import quiet_transformers
 
         if dtype not in DTYPES:
             raise EdgePruneError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
-        _quiet_transformers()
+        quiet_transformers()
         self.path = Path(path)
         self.dtype = DTYPES[dtype]
         self.files = tensor_files(self.path)
@@ -222,7 +224,8 @@ def write_config(sm: StreamedModel, out: Path) -> str:
     """config.json of the (pruned) skeleton, in the format ``checkpoint.save_checkpoint`` writes: the base
     family's config when every layer has the same widths, else per-layer lists with ``modeling_edgeprune.py``.
     Returns the layout."""
-    from edgeprune.checkpoint import LAYER_KEYS, REMOTE_FILE, _plain_config_ok, remote_code_source
+    from edgeprune.adapters.families import get_family
+    from edgeprune.checkpoint import LAYER_KEYS, REMOTE_FILE, plain_config_ok, remote_code_source
 
     adapter = sm.adapter
     adapter.sync_config()
@@ -233,12 +236,12 @@ def write_config(sm: StreamedModel, out: Path) -> str:
     path = out / "config.json"
     cfg = json.loads(path.read_text())
     base = adapter.family
-    if _plain_config_ok(adapter, cfg):
+    if plain_config_ok(adapter, cfg):
         for k in LAYER_KEYS:
             cfg.pop(k, None)
         cfg["model_type"] = base
         cfg.pop("auto_map", None)
-        cfg["architectures"] = [type(sm.model).__name__.replace("EdgePrune", _family_class(base))]
+        cfg["architectures"] = [get_family(base).causal_lm_class]
         layout = "uniform"
     else:
         cfg["model_type"] = f"edgeprune_{base}"
@@ -249,9 +252,3 @@ def write_config(sm: StreamedModel, out: Path) -> str:
         layout = "per-layer"
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return layout
-
-
-def _family_class(family: str) -> str:
-    from edgeprune.models.remote_code import _CLASS_NAMES
-
-    return _CLASS_NAMES.get(family, family.capitalize())

@@ -28,7 +28,7 @@ def _cols(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
     return new
 
 
-def _dims(units: list[int], size: int) -> torch.Tensor:
+def unit_dims(units: list[int], size: int) -> torch.Tensor:
     """Row/column indices of the kept heads (each head spans ``size`` consecutive features)."""
     return torch.tensor([u * size + i for u in units for i in range(size)], dtype=torch.long)
 
@@ -66,7 +66,7 @@ def cut_attention(layer, lp, bias: torch.Tensor | None = None) -> bool:
     with torch.no_grad():
         a = layer.attention_projections()
         hd = layer.head_dim
-        qi, kvi = _dims(lp.heads, hd), _dims(lp.kv_heads, hd)
+        qi, kvi = unit_dims(lp.heads, hd), unit_dims(lp.kv_heads, hd)
         layer.replace_attention(_rows(a.q, qi), _rows(a.k, kvi), _rows(a.v, kvi), _with_bias(_cols(a.o, qi), bias))
     return True
 
@@ -109,8 +109,8 @@ def mask_plan(adapter, plan: PruningPlan) -> None:
             if layer.has_attention:
                 a = layer.attention_projections()
                 hd = layer.head_dim
-                gone_h = _dims([h for h in range(layer.num_heads) if h not in lp.heads], hd)
-                gone_kv = _dims([h for h in range(layer.num_kv_heads) if h not in lp.kv_heads], hd)
+                gone_h = unit_dims([h for h in range(layer.num_heads) if h not in lp.heads], hd)
+                gone_kv = unit_dims([h for h in range(layer.num_kv_heads) if h not in lp.kv_heads], hd)
                 for lin, idx in ((a.q, gone_h), (a.k, gone_kv), (a.v, gone_kv)):
                     lin.weight[idx] = 0
                     if lin.bias is not None:

@@ -12,8 +12,8 @@ from edgeprune.allocation.base import (
     LayerAllocation,
     check_ratio,
     integerize,
-    register,
     priced,
+    register,
     solve_ratios,
     unit_costs,
 )

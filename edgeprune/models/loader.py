@@ -108,7 +108,7 @@ def load(spec: str = DEFAULT_MODEL, *, use_cache: bool = True, device: str = "cp
     from edgeprune.models.placement import resolve
 
     place = resolve(device, dtype)  # bad names fail before anything is read
-    _quiet_transformers()
+    quiet_transformers()
     if spec == DEFAULT_MODEL or spec in NAMED_GGUF:
         gguf = resolve_default_gguf() if spec == DEFAULT_MODEL else resolve_named_gguf(spec)
         lm = _load_gguf(gguf, place, use_cache=use_cache)
@@ -126,7 +126,7 @@ def load(spec: str = DEFAULT_MODEL, *, use_cache: bool = True, device: str = "cp
     raise EdgePruneError(f"model not found: {spec} (no such file or directory)")
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 
@@ -145,7 +145,7 @@ def _finish(model, tokenizer, spec: str, source: str, manifest: dict | None = No
     return LoadedModel(model, tokenizer, adapter, spec, source, manifest or {})
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     cfg = path / "config.json"
     if not cfg.is_file():
         raise EdgePruneError(f"{path} is not a model directory (no config.json)")
@@ -160,7 +160,7 @@ def _load_dir(path: Path, spec: str, place) -> LoadedModel:
 
     from edgeprune.adapters import check_model_type
 
-    config = _read_config(path)
+    config = read_config(path)
     model_type = config.get("model_type", "?")
     check_model_type(model_type)
     manifest = {}

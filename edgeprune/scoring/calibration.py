@@ -96,7 +96,7 @@ def capture_layer0_inputs(adapter: ModelAdapter, batches: torch.Tensor, micro_ba
     return captured
 
 
-def _run_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -151,7 +151,7 @@ def collect_layer_stats(layer: LayerAdapter, inputs: list) -> tuple[LayerStats, 
         with torch.no_grad():
             for hidden, kw in inputs:
                 mid.clear()
-                out = _run_layer(layer.layer, hidden, kw)
+                out = run_layer(layer.layer, hidden, kw)
                 h_mid = mid[0] if mid else hidden
                 bi["attn"] += _bi(hidden, h_mid)
                 bi["mlp"] += _bi(h_mid, out)

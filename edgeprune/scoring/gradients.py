@@ -23,7 +23,6 @@ from edgeprune.adapters.base import weight_source
 from edgeprune.scoring.base import LayerUnitScores
 
 
-
 def _reduce(name: str, layer, prod: torch.Tensor) -> torch.Tensor:
     """Sum a per-element tensor shaped like projection ``name``'s weight into that projection's units (float64):
     q and o per query head, k and v per KV head, gate and up per row, down per column (a channel)."""

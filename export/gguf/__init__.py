@@ -24,8 +24,8 @@ __all__ = ["DEFAULT_PROMPTS", "GGUF_DTYPES", "MAX_MEAN_KL", "MIN_TOP1", "PLACEHO
 
 def __getattr__(name: str):
     # edgeprune/pipeline.py's built-in profiler imports this switch from here (see runtime.py)
-    if name == "_no_extra_buffer_types":
-        from edgeprune.devices.llama_generate import _no_extra_buffer_types
+    if name == "no_extra_buffer_types":
+        from edgeprune.devices.llama_generate import no_extra_buffer_types
 
-        return _no_extra_buffer_types
+        return no_extra_buffer_types
     raise AttributeError(f"module 'edgeprune.export.gguf' has no attribute {name!r}")

@@ -150,7 +150,7 @@ def removed_block_bias(fam: Family, role: str, i: int) -> str:
     return fam.module_path(role, i).rpartition(".")[0] + ".bias"
 
 
-def _dims(cfg: dict) -> tuple[int, int, list[int], list[int], list[int]]:
+def unit_dims(cfg: dict) -> tuple[int, int, list[int], list[int], list[int]]:
     hidden, n_layer = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
     heads0 = int(cfg.get("num_attention_heads", 0))
     heads = [int(x) for x in (cfg.get("layer_num_heads") or [heads0] * n_layer)]
@@ -249,7 +249,7 @@ def _keep_layers(src: _Source, arch: Arch, heads, kvs, ffs, layout: Layout) -> d
 
 def plan(ckpt: Path, cfg: dict, fam: Family, st: Tensors) -> Layout:
     """Decide architecture, per-layer shapes, hyper-parameters and tensors (lazy); validate every tensor's shape."""
-    hidden, n_layer, heads, kvs, ffs = _dims(cfg)
+    hidden, n_layer, heads, kvs, ffs = unit_dims(cfg)
     head_dim = int(cfg.get("head_dim") or hidden // int(cfg["num_attention_heads"]))
     rope = rope_parameters(cfg)
     n_rot = _n_rot(cfg, fam, head_dim, rope)

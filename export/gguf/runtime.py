@@ -20,7 +20,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from edgeprune.devices.llama_generate import _no_extra_buffer_types
+from edgeprune.devices.llama_generate import no_extra_buffer_types
 from edgeprune.export.gguf.reader import gguf_dtype, metadata
 
 from edgeprune.errors import EdgePruneError, first_line
@@ -40,7 +40,7 @@ def llama_context(gguf_path, n_ctx: int, *, all_logits: bool = True, n_threads: 
     quantized = gguf_dtype(path) not in ("f32", "f16")
     batch = max(1, min(int(n_batch or n_ctx), int(n_ctx)))
     try:
-        with _no_extra_buffer_types(llama_cpp) if quantized else contextlib.nullcontext():
+        with no_extra_buffer_types(llama_cpp) if quantized else contextlib.nullcontext():
             return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=batch, n_ubatch=batch, logits_all=all_logits,
                                    n_threads=n_threads, n_threads_batch=n_threads, type_k=0, type_v=0, seed=0,
                                    verbose=False)
