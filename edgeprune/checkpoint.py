@@ -50,6 +50,33 @@ def remote_code_source(family: str) -> str:
     return src
 
 
+def finish_config(adapter, directory: Path) -> str:
+    """Rewrite ``directory/config.json`` (as ``save_pretrained`` wrote it) into a checkpoint's config: the base
+    family's plain config when every layer has the same widths, else per-layer lists plus ``modeling_edgeprune.py``.
+    Returns the layout ("uniform" or "per-layer")."""
+    from edgeprune.adapters.families import get_family
+
+    cfg_path = directory / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    base = adapter.family
+    if plain_config_ok(adapter, cfg):
+        for k in LAYER_KEYS:
+            cfg.pop(k, None)
+        cfg["model_type"] = base
+        cfg.pop("auto_map", None)
+        cfg["architectures"] = [get_family(base).causal_lm_class]
+        layout = "uniform"
+    else:
+        cfg["model_type"] = f"edgeprune_{base}"
+        cfg["architectures"] = ["EdgePruneForCausalLM"]
+        cfg["auto_map"] = {"AutoConfig": "modeling_edgeprune.EdgePruneConfig",
+                           "AutoModelForCausalLM": "modeling_edgeprune.EdgePruneForCausalLM"}
+        (directory / REMOTE_FILE).write_text(remote_code_source(base))
+        layout = "per-layer"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return layout
+
+
 def save_checkpoint(lm, out_dir: str | Path, fields: dict) -> Path:
     """Write model, tokenizer and manifest to ``out_dir`` atomically. Returns the directory."""
     adapter = lm.adapter
@@ -58,22 +85,6 @@ def save_checkpoint(lm, out_dir: str | Path, fields: dict) -> Path:
     with atomic_dir(out_dir) as tmp:
         lm.model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
-        cfg_path = tmp / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        base_type = adapter.family
-        if plain_config_ok(adapter, cfg):
-            for k in LAYER_KEYS:
-                cfg.pop(k, None)
-            cfg["model_type"] = base_type
-            cfg.pop("auto_map", None)
-            layout = "uniform"
-        else:
-            cfg["model_type"] = f"edgeprune_{base_type}"
-            cfg["architectures"] = ["EdgePruneForCausalLM"]
-            cfg["auto_map"] = {"AutoConfig": "modeling_edgeprune.EdgePruneConfig",
-                               "AutoModelForCausalLM": "modeling_edgeprune.EdgePruneForCausalLM"}
-            (tmp / REMOTE_FILE).write_text(remote_code_source(base_type))
-            layout = "per-layer"
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        layout = finish_config(adapter, tmp)
         write_json(tmp / MANIFEST, manifest("pruned-checkpoint", layout=layout, **fields))
     return out_dir

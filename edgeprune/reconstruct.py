@@ -87,6 +87,31 @@ def bias_only(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tenso
     return (extra if bias is None else bias.double() + extra).to(weight.dtype)
 
 
+def reconstruct_layer(layer, lp, inputs: list, damp: float = 1e-3, mlp_weights: bool = False) -> None:
+    """One layer of ``apply_plan_reconstruct``: cut the plan in, refitting o_proj (and down_proj's bias,
+    or its kept columns too with ``mlp_weights``) by least squares on ``inputs``."""
+    if layer.has_attention and len(lp.heads) < layer.num_heads:
+        o = layer.attention_projections().o
+        gram = gram_of_input(layer.layer, o, inputs)
+        w, b = refit(o.weight.data, o.bias.data if o.bias is not None else None, gram,
+                     unit_dims(lp.heads, layer.head_dim), damp)
+        cut_attention(layer, lp, b)
+        if lp.kv_heads:
+            set_linear(layer.attention_projections().o, w, b)
+    if layer.has_mlp and len(lp.channels) < layer.intermediate_size:
+        down = layer.mlp_projections().down
+        gram = gram_of_input(layer.layer, down, inputs)
+        keep = torch.tensor(lp.channels, dtype=torch.long)
+        b0 = down.bias.data if down.bias is not None else None
+        if mlp_weights:
+            w, b = refit(down.weight.data, b0, gram, keep, damp)
+        else:
+            w, b = down.weight.data[:, keep], bias_only(down.weight.data, b0, gram, keep)
+        cut_mlp(layer, lp, b)
+        if lp.channels:
+            set_linear(layer.mlp_projections().down, w, b)
+
+
 def apply_plan_reconstruct(adapter, plan: PruningPlan, batches: torch.Tensor, micro_batch: int = 8,
                            damp: float = 1e-3, mlp_weights: bool = False, progress: bool = True) -> dict:
     """Prune ``adapter.model`` in place by ``plan``, refitting the output projection of every pruned block.
@@ -104,26 +129,7 @@ def apply_plan_reconstruct(adapter, plan: PruningPlan, batches: torch.Tensor, mi
                           disable=not progress, leave=False):
         if lp.drop:  # a dropped layer passes its input through
             continue
-        if layer.has_attention and (len(lp.heads) < layer.num_heads):
-            o = layer.attention_projections().o
-            gram = gram_of_input(layer.layer, o, inputs)
-            keep = unit_dims(lp.heads, layer.head_dim)
-            w, b = refit(o.weight.data, o.bias.data if o.bias is not None else None, gram, keep, damp)
-            cut_attention(layer, lp, b)
-            if lp.kv_heads:
-                set_linear(layer.attention_projections().o, w, b)
-        if layer.has_mlp and len(lp.channels) < layer.intermediate_size:
-            down = layer.mlp_projections().down
-            gram = gram_of_input(layer.layer, down, inputs)
-            keep = torch.tensor(lp.channels, dtype=torch.long)
-            b0 = down.bias.data if down.bias is not None else None
-            if mlp_weights:
-                w, b = refit(down.weight.data, b0, gram, keep, damp)
-            else:
-                w, b = down.weight.data[:, keep], bias_only(down.weight.data, b0, gram, keep)
-            cut_mlp(layer, lp, b)
-            if lp.channels:
-                set_linear(layer.mlp_projections().down, w, b)
+        reconstruct_layer(layer, lp, inputs, damp, mlp_weights)
         with torch.no_grad():
             inputs = [(run_layer(layer.layer, hidden, kw), kw) for hidden, kw in inputs]
         record.append(lp.index)

@@ -30,7 +30,7 @@ import torch
 
 from edgeprune.errors import EdgePruneError
 from edgeprune.plan import PruningPlan, compose
-from edgeprune.reconstruct import bias_only, gram_of_input, refit, set_linear
+from edgeprune.reconstruct import reconstruct_layer
 from edgeprune.scoring.calibration import capture_layer0_inputs, collect_layer_stats, run_layer
 from edgeprune.streaming import LayerShardWriter, StreamedModel, layer_state, release, write_config
 from edgeprune.surgery import cut_attention, cut_mlp, unit_dims
@@ -123,31 +123,6 @@ def stream_score(sm: StreamedModel, scorer, batches: torch.Tensor, micro_batch: 
     meta = {"scorer": scorer.describe(), "seconds": time.perf_counter() - start,
             "calibration_shape": list(batches.shape), "streamed": True, "gradient": gradient}
     return UnitScores(scorer.name, layers, meta)
-
-
-def reconstruct_layer(layer, lp, inputs: list, damp: float = 1e-3, mlp_weights: bool = False) -> None:
-    """One layer of reconstruct.apply_plan_reconstruct: cut the plan in, refitting o_proj (and down_proj's bias,
-    or its kept columns too with ``mlp_weights``) by least squares on ``inputs``."""
-    if layer.has_attention and len(lp.heads) < layer.num_heads:
-        o = layer.attention_projections().o
-        gram = gram_of_input(layer.layer, o, inputs)
-        w, b = refit(o.weight.data, o.bias.data if o.bias is not None else None, gram,
-                     unit_dims(lp.heads, layer.head_dim), damp)
-        cut_attention(layer, lp, b)
-        if lp.kv_heads:
-            set_linear(layer.attention_projections().o, w, b)
-    if layer.has_mlp and len(lp.channels) < layer.intermediate_size:
-        down = layer.mlp_projections().down
-        gram = gram_of_input(layer.layer, down, inputs)
-        keep = torch.tensor(lp.channels, dtype=torch.long)
-        b0 = down.bias.data if down.bias is not None else None
-        if mlp_weights:
-            w, b = refit(down.weight.data, b0, gram, keep, damp)
-        else:
-            w, b = down.weight.data[:, keep], bias_only(down.weight.data, b0, gram, keep)
-        cut_mlp(layer, lp, b)
-        if lp.channels:
-            set_linear(layer.mlp_projections().down, w, b)
 
 
 def _compensation(layer, lp, means: dict) -> tuple:

@@ -224,8 +224,7 @@ def write_config(sm: StreamedModel, out: Path) -> str:
     """config.json of the (pruned) skeleton, in the format ``checkpoint.save_checkpoint`` writes: the base
     family's config when every layer has the same widths, else per-layer lists with ``modeling_edgeprune.py``.
     Returns the layout."""
-    from edgeprune.adapters.families import get_family
-    from edgeprune.checkpoint import LAYER_KEYS, REMOTE_FILE, plain_config_ok, remote_code_source
+    from edgeprune.checkpoint import finish_config
 
     adapter = sm.adapter
     adapter.sync_config()
@@ -233,22 +232,4 @@ def write_config(sm: StreamedModel, out: Path) -> str:
     config.architectures = [type(sm.model).__name__]
     config.dtype = str(sm.dtype).removeprefix("torch.")
     config.save_pretrained(out)
-    path = out / "config.json"
-    cfg = json.loads(path.read_text())
-    base = adapter.family
-    if plain_config_ok(adapter, cfg):
-        for k in LAYER_KEYS:
-            cfg.pop(k, None)
-        cfg["model_type"] = base
-        cfg.pop("auto_map", None)
-        cfg["architectures"] = [get_family(base).causal_lm_class]
-        layout = "uniform"
-    else:
-        cfg["model_type"] = f"edgeprune_{base}"
-        cfg["architectures"] = ["EdgePruneForCausalLM"]
-        cfg["auto_map"] = {"AutoConfig": "modeling_edgeprune.EdgePruneConfig",
-                           "AutoModelForCausalLM": "modeling_edgeprune.EdgePruneForCausalLM"}
-        (out / REMOTE_FILE).write_text(remote_code_source(base))
-        layout = "per-layer"
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return layout
+    return finish_config(adapter, out)

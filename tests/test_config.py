@@ -38,9 +38,9 @@ def test_prune_options_are_the_config_fields():
     expected = {**_expected(PruneConfig), **_expected(ModelLoad), **_expected(DataSpec, ("calib",))}
     assert {k: opts[k] for k in expected} == expected
     assert set(opts) - set(expected) == {"--output", "--json"}  # nothing else, nothing hand-copied
-    # every PruneConfig field but the Python-only scorer_options is an option
+    # every PruneConfig field but the Python-only scorer_options and unit_cost (edgeprune fit) is an option
     assert {f.name for f in fields(PruneConfig)} - {f.name for _, _, f in cli_fields(PruneConfig)} == {
-        "scorer_options"}
+        "scorer_options", "unit_cost"}
 
 
 def test_run_prune_section_has_the_same_fields_and_defaults(tmp_path):
