@@ -12,6 +12,8 @@ TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 MODEL ?= default
 DATA ?= ../shared/data
+# `--calib auto` (the default) reads WikiText-2 valid from here; the product itself never looks for ../shared
+export EDGEPRUNE_DATA ?= $(abspath $(DATA))
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install demo test lint bench-baseline check-optimum clean system-deps device-artifact device-sim

@@ -8,7 +8,7 @@ with; ``DataSpec`` names the calibration and evaluation text. The CLI options ar
 
 The defaults are the best recipe measured in BENCHMARKS.md (ablation, without retraining): PIEM scores, LSPS
 allocation with Block Influence sensitivity, several rounds, the least-squares refit, 64 calibration windows of
-WikiText-2 *valid* when ``../shared/data`` (or ``$EDGEPRUNE_DATA``) has it, else the built-in text. Distillation
+WikiText-2 *valid* when ``$EDGEPRUNE_DATA`` names a data directory that has it, else the built-in text. Distillation
 (``recover_steps``) stays opt-in: it costs minutes.
 
 Why dataclasses and not pydantic: the rules that matter are cross-field and registry checks (bounds, known
@@ -137,9 +137,10 @@ class ModelLoad:
 AUTO = "auto"  # WikiText-2 valid from the data directory when it is there, else the built-in text
 
 
-def data_dir() -> Path:
-    """``$EDGEPRUNE_DATA``, else ``../shared/data`` (relative to the current directory)."""
-    return Path(os.environ.get("EDGEPRUNE_DATA", "../shared/data")).expanduser()
+def data_dir() -> Path | None:
+    """The evaluation-data directory ``$EDGEPRUNE_DATA`` (the Makefile sets it to ``DATA``), or None."""
+    value = os.environ.get("EDGEPRUNE_DATA", "")
+    return Path(value).expanduser() if value else None
 
 
 def text_candidates(spec: str | list[str], split: str) -> list[str]:
@@ -149,8 +150,11 @@ def text_candidates(spec: str | list[str], split: str) -> list[str]:
     out = []
     for s in specs:
         if s == AUTO:
-            wt = data_dir() / "wikitext-2"
-            out += [str(wt / "tokens" / "valid.txt") if split == "calib" else str(wt / "wiki.test.raw"), "builtin"]
+            root = data_dir()
+            if root is not None:
+                wt = root / "wikitext-2"
+                out.append(str(wt / "tokens" / "valid.txt") if split == "calib" else str(wt / "wiki.test.raw"))
+            out.append("builtin")
         else:
             out.append(s)
     return out
@@ -161,8 +165,8 @@ class DataSpec:
     """Calibration and evaluation text: a spec (``auto``, ``builtin``, a file, a directory, ``wikitext2``/
     ``ptb``/``c4``) or a list of them, the first that exists."""
 
-    calib: str | list[str] = option(AUTO, "calibration text: 'auto' (WikiText-2 valid under $EDGEPRUNE_DATA or "
-                                    "../shared/data, else builtin), 'builtin', a file/dir, or wikitext2|ptb|c4",
+    calib: str | list[str] = option(AUTO, "calibration text: 'auto' (WikiText-2 valid under $EDGEPRUNE_DATA, "
+                                    "else builtin), 'builtin', a file/dir, or wikitext2|ptb|c4",
                                     flag="--calib")
     eval: str | list[str] = option("builtin", "evaluation text: 'builtin', a file/dir, 'auto', or "
                                    "wikitext2|ptb|c4", flag="--data")

@@ -6,7 +6,7 @@ A text spec is one of:
 - a local text file, or a directory of ``*.txt``/``*.raw`` files. WikiText raw files (``wiki.*.raw``) are joined
   the standard way (the HF rows, joined with blank lines, as GPTQ/Wanda/LLM-Pruner do).
 - ``auto`` or a list of specs (``resolve_text``): the first that exists; ``auto`` is WikiText-2 under
-  ``$EDGEPRUNE_DATA`` or ``../shared/data`` (valid for calibration, test for evaluation), else ``builtin``.
+  ``$EDGEPRUNE_DATA`` (valid for calibration, test for evaluation), else ``builtin``.
 - a dataset name, ``wikitext2``, ``ptb`` or ``c4``, fetched with HF ``datasets`` (online users only):
   calibration reads the train split, evaluation the test (validation for c4) split.
 
