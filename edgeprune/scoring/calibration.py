@@ -181,6 +181,29 @@ def layerwise(adapter: ModelAdapter, batches: torch.Tensor, micro_batch: int = 8
         yield layer, stats
 
 
+def backward_next_token_loss(model, batches: torch.Tensor, micro_batch: int = 4, progress: bool = True) -> int:
+    """Backpropagate the mean next-token loss over all of ``batches``, one micro-batch's graph at a time (each
+    backward pass adds its share to the gradients, or feeds post-accumulate-grad hooks). Returns the number of
+    backward passes."""
+    from tqdm.auto import tqdm
+
+    from edgeprune.models.placement import input_device
+
+    device = input_device(model)
+    n_total = batches[:, 1:].numel()
+    passes = 0
+    for b in tqdm(range(0, batches.shape[0], micro_batch), desc="gradients", unit="batch",
+                  disable=not progress, leave=False):
+        ids = batches[b : b + micro_batch].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum") / n_total
+        del logits
+        loss.backward()
+        passes += 1
+    return passes
+
+
 def accumulate_gradients(adapter: ModelAdapter, batches: torch.Tensor, micro_batch: int = 4,
                          progress: bool = True) -> dict[str, torch.Tensor]:
     """Sum of dL/dW over the calibration batches for every decoder-layer projection weight.
@@ -188,12 +211,7 @@ def accumulate_gradients(adapter: ModelAdapter, batches: torch.Tensor, micro_bat
     Cost: one float32 gradient per decoder projection weight (the size of the decoder layers) plus the
     activations of one micro-batch; each micro-batch's graph is freed by its backward pass.
     """
-    from tqdm.auto import tqdm
-
-    from edgeprune.models.placement import input_device
-
     model = adapter.model
-    device = input_device(model)
     params, rows = {}, {}  # unique parameters; role -> (parameter key, its rows) (fused roles share one)
     for layer in adapter.layers:
         mods = {}
@@ -211,16 +229,8 @@ def accumulate_gradients(adapter: ModelAdapter, batches: torch.Tensor, micro_bat
     for p in params.values():
         p.requires_grad_(True)
         p.grad = None
-    n_total = batches[:, 1:].numel()
     try:
-        for b in tqdm(range(0, batches.shape[0], micro_batch), desc="gradients", unit="batch",
-                      disable=not progress, leave=False):
-            ids = batches[b : b + micro_batch].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum") / n_total
-            loss.backward()
-            del logits, loss
+        backward_next_token_loss(model, batches, micro_batch, progress)
         grads = {k: params[pid].grad[sl].detach().clone() for k, (pid, sl) in rows.items()}
     finally:
         for p in model.parameters():

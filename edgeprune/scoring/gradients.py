@@ -21,6 +21,7 @@ import torch
 
 from edgeprune.adapters.base import weight_source
 from edgeprune.scoring.base import LayerUnitScores
+from edgeprune.scoring.calibration import backward_next_token_loss
 
 
 def _reduce(name: str, layer, prod: torch.Tensor) -> torch.Tensor:
@@ -106,12 +107,7 @@ def unit_taylor(adapter, batches: torch.Tensor, micro_batch: int = 4, checkpoint
     """Per-unit sums of |w * dL/dw_b| over the micro-batches b of ``batches`` for every decoder projection,
     where L is the mean next-token loss over all of ``batches`` (so the per-token scale matches
     ``accumulate_gradients``). No full-size gradient outlives its hook."""
-    from tqdm.auto import tqdm
-
-    from edgeprune.models.placement import input_device
-
     model = adapter.model
-    device = input_device(model)
     acc = UnitTaylor()
     flags = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -133,19 +129,9 @@ def unit_taylor(adapter, batches: torch.Tensor, micro_batch: int = 4, checkpoint
             p.grad = None
 
         handles.append(param.register_post_accumulate_grad_hook(fold))
-    n_total = batches[:, 1:].numel()
     try:
         with checkpointed_layers(adapter) if checkpointing else _null():
-            for b in tqdm(range(0, batches.shape[0], micro_batch), desc="gradients", unit="batch",
-                          disable=not progress, leave=False):
-                ids = batches[b : b + micro_batch].to(device)
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum") / n_total
-                del logits
-                loss.backward()
-                acc.backward_passes += 1
-                del loss
+            acc.backward_passes += backward_next_token_loss(model, batches, micro_batch, progress)
     finally:
         for h in handles:
             h.remove()
