@@ -19,6 +19,33 @@ def data_dir() -> Path:
     return DATA
 
 
+def smollm2_plan(lm, attention: dict[int, tuple[list[int], list[int]]]):
+    """A non-uniform plan for SmolLM2-135M (30 layers, 9 heads in 3 KV groups, 1536 channels): the kept (heads, KV
+    heads) of ``attention``'s layers (every head elsewhere) and four MLP widths (1536, 1408, 1280, 1408 by layer
+    index mod 4), the channels kept by |activation| x |down_proj column| on a little calibration text."""
+    import torch
+
+    from edgeprune.data import calibration_batches, load_text
+    from edgeprune.plan import LayerPlan, PruningPlan
+
+    act = {}
+    hooks = [layer.mlp_projections().down.register_forward_pre_hook(
+        lambda mod, inp, i=layer.index: act.__setitem__(i, act.get(i, 0) + inp[0].abs().sum((0, 1))))
+        for layer in lm.adapter.layers]
+    with torch.no_grad():
+        lm.model(input_ids=calibration_batches(lm.tokenizer, load_text("builtin", "calib"), 4, 128), use_cache=False)
+    for h in hooks:
+        h.remove()
+    layers = []
+    for layer in lm.adapter.layers:
+        i = layer.index
+        heads, kv = attention.get(i, (list(range(9)), [0, 1, 2]))
+        score = act[i] * layer.mlp_projections().down.weight.norm(dim=0)
+        k = (1536, 1408, 1280, 1408)[i % 4]
+        layers.append(LayerPlan(i, heads, kv, sorted(score.topk(k).indices.tolist())))
+    return PruningPlan(layers)
+
+
 @pytest.fixture(params=FAMILIES)
 def tiny(request):
     from edgeprune.models.tiny import build_tiny

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SSHD
+from conftest import SSHD, smollm2_plan
 from edgeprune.devices import greedy, remote, sim
 
 REASON = sim.unavailable_reason()
@@ -43,30 +43,10 @@ def cli(*args, timeout=900):
 
 def pruned_plan(lm):
     """A non-uniform structural pruning of SmolLM2-135M (about 8 % of the decoder): one KV group of three (and its
-    three query heads) removed in layers 20, 22, 24 and 26; MLPs narrowed to 1280-1536 of 1536 channels, kept by
-    |activation| x |down_proj column| on a little calibration text. Mild enough that the q8_0 export passes its
-    parity check; non-uniform, so both exports take the per-layer-shape path (GGUF 'deci')."""
-    import torch
-
-    from edgeprune.data import calibration_batches, load_text
-    from edgeprune.plan import LayerPlan, PruningPlan
-
-    act = {}
-    hooks = [layer.mlp_projections()[2].register_forward_pre_hook(
-        lambda mod, inp, i=layer.index: act.__setitem__(i, act.get(i, 0) + inp[0].abs().sum((0, 1))))
-        for layer in lm.adapter.layers]
-    with torch.no_grad():
-        lm.model(input_ids=calibration_batches(lm.tokenizer, load_text("builtin", "calib"), 4, 128), use_cache=False)
-    for h in hooks:
-        h.remove()
-    layers = []
-    for layer in lm.adapter.layers:
-        i = layer.index
-        heads, kv = ([0, 1, 2, 6, 7, 8], [0, 2]) if i in (20, 22, 24, 26) else (list(range(9)), [0, 1, 2])
-        score = act[i] * layer.mlp_projections()[2].weight.norm(dim=0)
-        k = (1536, 1408, 1280, 1408)[i % 4]
-        layers.append(LayerPlan(i, heads, kv, sorted(score.topk(k).indices.tolist())))
-    return PruningPlan(layers)
+    three query heads) removed in layers 20, 22, 24 and 26; MLPs narrowed to 1280-1536 of 1536 channels
+    (conftest.smollm2_plan). Mild enough that the q8_0 export passes its parity check; non-uniform, so both exports
+    take the per-layer-shape path (GGUF 'deci')."""
+    return smollm2_plan(lm, {i: ([0, 1, 2, 6, 7, 8], [0, 2]) for i in (20, 22, 24, 26)})
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import smollm2_plan
 
 from edgeprune.errors import EdgePruneError
 
@@ -26,37 +27,12 @@ def tiny_plan():
 
 
 def real_plan(lm):
-    """A non-uniform plan for SmolLM2-135M (30 layers, 9 heads in 3 KV groups, 1536 channels): layer 27 without
-    attention, 1 or 2 KV groups in six layers, four MLP widths (channels kept by |activation| x |down column| on
-    a little calibration text, so the model stays usable: PPL ~2x the dense model's)."""
-    import torch
-
-    from edgeprune.data import calibration_batches, load_text
-    from edgeprune.plan import LayerPlan, PruningPlan
-
-    act = {}
-    hooks = [layer.mlp_projections().down.register_forward_pre_hook(
-        lambda mod, inp, i=layer.index: act.__setitem__(i, act.get(i, 0) + inp[0].abs().sum((0, 1))))
-        for layer in lm.adapter.layers]
-    with torch.no_grad():
-        lm.model(input_ids=calibration_batches(lm.tokenizer, load_text("builtin", "calib"), 4, 128), use_cache=False)
-    for h in hooks:
-        h.remove()
-    layers = []
-    for layer in lm.adapter.layers:
-        i = layer.index
-        if i == 27:
-            heads, kv = [], []
-        elif i in (20, 22, 24, 26):
-            heads, kv = [0, 1, 2, 6, 7, 8], [0, 2]
-        elif i in (25, 28):
-            heads, kv = [3, 4, 5], [1]
-        else:
-            heads, kv = list(range(9)), [0, 1, 2]
-        score = act[i] * layer.mlp_projections().down.weight.norm(dim=0)
-        k = (1536, 1408, 1280, 1408)[i % 4]
-        layers.append(LayerPlan(i, heads, kv, sorted(score.topk(k).indices.tolist())))
-    return PruningPlan(layers)
+    """A non-uniform plan for SmolLM2-135M: layer 27 without attention, 1 or 2 KV groups in six layers, four MLP
+    widths (conftest.smollm2_plan), so the model stays usable: PPL ~2x the dense model's."""
+    attention = {27: ([], [])}
+    attention.update({i: ([0, 1, 2, 6, 7, 8], [0, 2]) for i in (20, 22, 24, 26)})
+    attention.update({i: ([3, 4, 5], [1]) for i in (25, 28)})
+    return smollm2_plan(lm, attention)
 
 
 def _checkpoint(root: Path, name: str) -> tuple[Path, list]:
