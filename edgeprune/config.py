@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeprune.errors import EdgePruneError
+from edgeprune.models.placement import DTYPES
 
 
 def option(default: Any, help: str, *, flag: str | None = None, cli: bool = True) -> Any:
@@ -113,7 +114,6 @@ def field_types(cls) -> dict[str, Any]:
 
 
 DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
