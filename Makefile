@@ -14,6 +14,7 @@ MODEL ?= default
 DATA ?= ../shared/data
 # `--calib auto` (the default) reads WikiText-2 valid from here; the product itself never looks for ../shared
 export EDGEPRUNE_DATA ?= $(abspath $(DATA))
+export EDGEPRUNE_TASKS_DIR ?= $(abspath $(DATA))
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install demo test lint bench-baseline check-optimum clean system-deps device-artifact device-sim
