@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgeprune.data import resolve_text
 from edgeprune.errors import EdgePruneError
 from edgeprune.fit import latency, search
 from edgeprune.fit.memory import profile_settings
@@ -81,15 +82,6 @@ def recipe(overrides: dict, unit_cost=None):
         pcfg.unit_cost = unit_cost
     pcfg.validate()
     return pcfg, cfg.get("data", {}), cfg.get("evaluate", {})
-
-
-def resolve_text(spec, split: str):
-    from edgeprune.data import BUILTIN, DATASETS, load_text
-
-    for c in spec if isinstance(spec, list) else [spec]:
-        if c == BUILTIN or c in DATASETS or Path(c).expanduser().exists():
-            return load_text(c, split)
-    raise EdgePruneError(f"none of the {split} texts exist: {spec}")
 
 
 # ---- latency models -------------------------------------------------------------------------------------------
