@@ -153,17 +153,15 @@ def prune(
     json_path: JsonOpt = None,
 ) -> None:
     """Score, allocate and physically remove units; save a Hugging Face-style checkpoint. The defaults are the
-    best measured recipe (PIEM, LSPS with Block Influence, several rounds, least-squares refit)."""
-    from edgeprune.checkpoint import save_checkpoint
+    best measured recipe (PIEM, LSPS with Block Influence, several rounds, least-squares refit). --stream: one
+    decoder layer in memory at a time, for models larger than memory."""
     from edgeprune.data import resolve_text
-    from edgeprune.prune import prune_model
+    from edgeprune.prune import prune_checkpoint
 
     config.validate()  # before any model time is spent
     load.validate()
     text = resolve_text(texts.calib, "calib")
-    lm = _load(model, load)
-    record = prune_model(lm, config, text)
-    save_checkpoint(lm, output, {"source_model": model, "source": lm.source, **record})
+    record = prune_checkpoint(model, config, text, output, load)
     b, a = record["params_before"], record["params_after"]
     out.print(f"decoder-layer parameters {b['decoder_layers']:,} -> {a['decoder_layers']:,} "
               f"(-{100 * record['decoder_reduction']:.1f}%)")

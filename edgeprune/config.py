@@ -134,6 +134,7 @@ class ModelLoad:
         return (self.device, self.dtype) == ("cpu", "float32")
 
 
+STREAM_GRADIENTS = ("lens", "none")  # the first is the default, measured: bench/stream_gradient.py, README "Scale"
 AUTO = "auto"  # WikiText-2 valid from the data directory when it is there, else the built-in text
 
 
@@ -206,6 +207,10 @@ class PruneConfig:
                                "distillation)")
     piem_weights: list[float] = option([], "PIEM term weights 'alpha,beta,gamma' (weight, gradient, context); "
                                        "empty: PIEM's defaults")
+    stream: bool = option(False, "prune a model larger than memory layer by layer from its safetensors files "
+                          "(one decoder layer resident at a time; README 'Scale')")
+    stream_gradient: str = option(STREAM_GRADIENTS[0], "streamed PIEM/Taylor gradient term: lens (each layer's "
+                                  "logit-lens loss) | none")
     # LSPS latency budget (edgeprune fit): per layer [cost of one KV group, of one MLP channel], e.g. decode ms;
     # the ratio is then the share of that cost removed. None: the parameter budget
     unit_cost: list | None = option(None, "LSPS cost per unit (Python API, edgeprune fit)", cli=False)
@@ -249,6 +254,13 @@ class PruneConfig:
         if self.unit_cost is not None and (self.allocator != "lsps" or self.attn_unit != "group"):
             raise EdgePruneError("a latency budget (unit_cost) needs the lsps allocator with attention unit 'group'")
         self.recovery().validate()
+        if self.stream_gradient not in STREAM_GRADIENTS:
+            raise EdgePruneError(f"unknown stream-gradient '{self.stream_gradient}'; choose from "
+                                 f"{', '.join(STREAM_GRADIENTS)}")
+        if self.stream:
+            from edgeprune.stream_prune import check_streamable
+
+            check_streamable(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

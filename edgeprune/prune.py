@@ -20,7 +20,7 @@ from edgeprune.sensitivity import SENSITIVITIES
 from edgeprune.surgery import apply_plan
 from edgeprune.teacher import teacher_targets
 
-__all__ = ["PruneConfig", "compensation_biases", "prune_model"]
+__all__ = ["PruneConfig", "compensation_biases", "prune_checkpoint", "prune_model"]
 
 
 def _prunable(adapter, unit_cost=None) -> float:
@@ -76,6 +76,11 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
     import resource
 
     cfg.validate()
+    if cfg.stream:
+        from edgeprune.errors import EdgePruneError
+
+        raise EdgePruneError("stream=True prunes from the model's files, not a loaded model: use "
+                             "edgeprune.prune.prune_checkpoint or edgeprune.stream_prune.stream_prune")
     scorer = make_scorer(cfg.scorer, seed=cfg.seed, **cfg.scorer_kwargs())
     allocator_cls = ALLOCATORS[cfg.allocator]
     sensitivity = SENSITIVITIES[cfg.sensitivity]() if allocator_cls.needs_sensitivity else None
@@ -152,3 +157,30 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
         "seconds": time.perf_counter() - start,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def prune_checkpoint(spec: str, cfg: PruneConfig, calib: Text, out_dir, load=None, progress: bool = True) -> dict:
+    """`edgeprune prune` and the pipeline's prune stage: load ``spec`` as ``load`` (a ModelLoad: device, dtype;
+    default cpu/float32) says, prune it and write the checkpoint (weights, config, tokenizer, manifest) to
+    ``out_dir``; with ``cfg.stream`` the model is never loaded whole but streamed layer by layer
+    (edgeprune.stream_prune, on the CPU, in ``load.dtype``), which writes the same files. Returns the record, with
+    ``source_model``/``source`` as in the manifest."""
+    from edgeprune.config import ModelLoad
+
+    load = load or ModelLoad()
+    cfg.validate()  # before any model time is spent
+    load.validate()
+    if cfg.stream:
+        from edgeprune.stream_prune import check_streamable, stream_prune
+        from edgeprune.streaming import source_dir
+
+        check_streamable(cfg, load.device)
+        record = stream_prune(spec, cfg, calib, out_dir, dtype=load.dtype, progress=progress)
+        return {"source_model": spec, "source": str(source_dir(spec)), **record}
+    from edgeprune.checkpoint import save_checkpoint
+    from edgeprune.models import load as load_model
+
+    lm = load_model(spec, device=load.device, dtype=load.dtype)
+    record = prune_model(lm, cfg, calib, progress=progress)
+    save_checkpoint(lm, out_dir, {"source_model": spec, "source": lm.source, **record})
+    return {"source_model": spec, "source": lm.source, **record}

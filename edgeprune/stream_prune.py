@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from edgeprune.config import STREAM_GRADIENTS
 from edgeprune.errors import EdgePruneError
 from edgeprune.plan import PruningPlan, compose
 from edgeprune.reconstruct import reconstruct_layer
@@ -35,8 +36,8 @@ from edgeprune.scoring.calibration import capture_layer0_inputs, collect_layer_s
 from edgeprune.streaming import LayerShardWriter, StreamedModel, layer_state, release, write_config
 from edgeprune.surgery import cut_attention, cut_mlp, unit_dims
 
-GRADIENTS = ("lens", "none")
-DEFAULT_GRADIENT = "lens"  # measured: bench/stream_gradient.py, README "Scale"
+GRADIENTS = STREAM_GRADIENTS  # PruneConfig.stream_gradient
+DEFAULT_GRADIENT = GRADIENTS[0]  # measured: bench/stream_gradient.py, README "Scale"
 LENS_STRIDE = 8  # the logit-lens loss reads every 8th position (its lm_head products cost ~1/3 of a layer pass each)
 
 
@@ -177,55 +178,77 @@ def stream_apply(sm: StreamedModel, plan: PruningPlan, out: Path, batches: torch
     return write_config(sm, out)
 
 
-def check_streamable(cfg) -> None:
+def layer_summary(path) -> dict:
+    """Per-layer shapes and parameter counts of a safetensors model directory, from its config alone (the model
+    built on ``meta``: no weight is read)."""
+    from edgeprune.adapters import get_adapter
+    from edgeprune.models.info import layer_param_counts
+    from edgeprune.streaming import skeleton
+
+    adapter = get_adapter(skeleton(Path(path)))
+    return {"shapes": [s.to_dict() for s in adapter.shapes()],
+            "layer_params": [layer_param_counts(layer) for layer in adapter.layers]}
+
+
+def check_streamable(cfg, device: str = "cpu") -> None:
+    """One-line errors, each naming the option to change, for what a streamed prune cannot do (``cfg`` a
+    PruneConfig, ``device`` the torch device models load on; PruneConfig.validate calls this when ``stream`` is
+    set)."""
+    if device != "cpu":
+        raise EdgePruneError(f"--stream runs on the CPU: use --device cpu (run.device), not '{device}'")
     if cfg.allocator == "lsps" and cfg.sensitivity != "bi":
-        raise EdgePruneError(f"streaming supports the bi sensitivity only (not '{cfg.sensitivity}': it needs "
-                             "whole-model passes)")
+        raise EdgePruneError(f"--stream supports the bi sensitivity only: use --sensitivity bi (prune.sensitivity), "
+                             f"'{cfg.sensitivity}' needs whole-model passes")
     if cfg.recover_steps:
-        raise EdgePruneError("streaming cannot distill (recover-steps): distillation needs the model resident")
+        raise EdgePruneError("--stream cannot distill: use --recover-steps 0 (prune.recover_steps); distillation "
+                             "needs the model resident")
+    if cfg.stream_gradient == "none" and cfg.scorer == "taylor":
+        raise EdgePruneError("the taylor scorer is all gradient: stream it with --stream-gradient lens "
+                             "(prune.stream_gradient)")
 
 
-def stream_prune(spec: str, cfg, calib, out_dir, dtype: str = "float32", gradient: str = DEFAULT_GRADIENT,
+def stream_prune(spec: str, cfg, calib, out_dir, dtype: str = "float32", gradient: str | None = None,
                  progress: bool = True) -> dict:
     """``prune_model`` + ``save_checkpoint`` for a model that need not fit in memory: every round streams the
-    previous round's checkpoint and writes the next. Returns the record (also in the output's manifest)."""
+    previous round's checkpoint and writes the next. ``gradient``: the streamed gradient term (None: the config's
+    ``stream_gradient``). Returns the record (also in the output's manifest, as `edgeprune prune` writes it)."""
     import resource
+    from dataclasses import replace
 
-    from edgeprune.allocation import allocate, unit_costs
+    from edgeprune.allocation import ALLOCATORS
     from edgeprune.data import calibration_batches
     from edgeprune.io import MANIFEST, atomic_dir, manifest, write_json
     from edgeprune.models.info import param_counts
+    from edgeprune.prune import _prunable
     from edgeprune.scoring import make_scorer
     from edgeprune.selection import build_plan
     from edgeprune.sensitivity import measure
     from edgeprune.streaming import source_dir
 
-    cfg.validate()
-    check_streamable(cfg)
+    cfg = replace(cfg, stream=True, stream_gradient=gradient or cfg.stream_gradient)
+    gradient = cfg.stream_gradient
+    cfg.validate()  # includes check_streamable
     src = source_dir(spec)
-    scorer = make_scorer(cfg.scorer, seed=cfg.seed, **cfg.scorer_options)
+    scorer = make_scorer(cfg.scorer, seed=cfg.seed, **cfg.scorer_kwargs())
     start = time.perf_counter()
     with atomic_dir(Path(out_dir)) as tmp, tempfile.TemporaryDirectory(dir=Path(tmp).parent) as work:
         sm = StreamedModel(src, dtype)
         tokenizer = sm.tokenizer()
         batches = calibration_batches(tokenizer, calib, cfg.n_samples, cfg.seq_len, cfg.seed)
         before = param_counts(sm.adapter)
-        base = sum(c.prunable for c in unit_costs(sm.adapter))
+        base = _prunable(sm.adapter, cfg.unit_cost)
         plan, rounds = PruningPlan.identity(sm.adapter), []
         for r in range(1, cfg.rounds + 1):
-            now = sum(c.prunable for c in unit_costs(sm.adapter))
+            now = _prunable(sm.adapter, cfg.unit_cost)
             round_ratio = min(max(0.0, (cfg.ratio * base * r / cfg.rounds - (base - now)) / now), 0.999)
             means = {} if cfg.bias_compensation and not cfg.reconstruct else None
             blocks = cfg.allocator in ("depth", "owl") or cfg.allocator == "lsps"
             scores = stream_score(sm, scorer, batches, gradient=gradient, block_stats=blocks,
                                   compensation=means, progress=progress)
             sens = measure("bi", sm.adapter, scores, batches) if cfg.allocator == "lsps" else None
-            options = {}
-            if cfg.allocator == "lsps":
-                options = {"tau": cfg.tau, "min_ratio": min(cfg.min_module_ratio, round_ratio),
-                           "max_ratio": max(cfg.max_module_ratio, round_ratio)}
-            alloc = allocate(cfg.allocator, sm.adapter, round_ratio, scores=scores, sensitivities=sens,
-                             attn_unit=cfg.attn_unit, round_to=cfg.round_to, **options)
+            alloc = ALLOCATORS[cfg.allocator].from_config(cfg, round_ratio).allocate(
+                sm.adapter, round_ratio, scores=scores, sensitivities=sens, attn_unit=cfg.attn_unit,
+                round_to=cfg.round_to)
             step = build_plan(sm.adapter, scores, alloc)
             dest = Path(tmp) if r == cfg.rounds else Path(work) / f"round{r}"
             dest.mkdir(exist_ok=True)

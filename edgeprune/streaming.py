@@ -66,7 +66,7 @@ def tensor_files(path: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
 
 
-def _skeleton(path: Path, dtype: torch.dtype):
+def skeleton(path: Path, dtype: torch.dtype = torch.float32):
     """The model built on ``meta`` (parameters only) from the directory's config, with per-layer widths."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -105,7 +105,7 @@ class StreamedModel:
         self.dtype = DTYPES[dtype]
         self.files = tensor_files(self.path)
         try:
-            self.model = _skeleton(self.path, self.dtype)
+            self.model = skeleton(self.path, self.dtype)
         except EdgePruneError:
             raise
         except Exception as e:

@@ -265,6 +265,8 @@ def test_parse_override_values():
     (["data.calib=[\"/no/such/file.txt\", \"/no/such/other.txt\"]"], "none of the calib texts exist"),
     (["evaluate.tasks=piqa", "evaluate.tasks_dir=/no/such/dir"], "piqa data file not found"),
     (["run.model=/no/such/model"], "model not found"),
+    (["prune.stream=true", "prune.sensitivity=loss"], "use --sensitivity bi"),
+    (["prune.stream=true", "prune.recover_steps=0", "run.device=cuda"], "--stream runs on the CPU"),
 ])
 def test_plan_errors_before_any_work(tmp_path, overrides, needle):
     cfg = load_config(None, overrides, out=tmp_path / "run")

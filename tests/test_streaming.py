@@ -141,6 +141,10 @@ def test_stream_errors(tmp_path, calib):
     with pytest.raises(EdgePruneError, match="all gradient"):
         stream_prune(str(src), PruneConfig(ratio=0.2, scorer="taylor", n_samples=4, seq_len=16), calib,
                      tmp_path / "o", gradient="none")
+    with pytest.raises(EdgePruneError, match="prune_checkpoint"):
+        from edgeprune.prune import prune_model
+
+        prune_model(None, PruneConfig(stream=True), calib)
     with pytest.raises(EdgePruneError, match="local model directory"):
         source_dir(str(tmp_path / "nope"))
     (tmp_path / "bin").mkdir()
@@ -148,3 +152,104 @@ def test_stream_errors(tmp_path, calib):
     with pytest.raises(EdgePruneError, match="no safetensors"):
         StreamedModel(tmp_path / "bin")
     assert not (tmp_path / "o").exists()
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "edgeprune", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+CLI_RECIPE = ("--ratio", "0.3", "--n-samples", "8", "--calib-seq-len", "32", "--calib", "builtin", "--rounds", "2",
+              "--piem-weights", "0.1,0,0.8")  # no gradient term: the streamed scores are the in-memory ones
+
+
+def test_cli_stream_writes_the_checkpoint_prune_writes(tmp_path):
+    """`edgeprune prune --stream` writes the files and manifest of `edgeprune prune`, with the same plan and
+    logits; `--dtype bfloat16` streams and saves in bfloat16."""
+    import json
+
+    from safetensors import safe_open
+
+    from edgeprune.models import load
+
+    _, src = _saved(tmp_path, "qwen2")
+    for name, extra in (("mem", ()), ("str", ("--stream",)), ("bf16", ("--stream", "--dtype", "bfloat16"))):
+        p = _cli("prune", src, *CLI_RECIPE, *extra, "-o", tmp_path / name, "--json", tmp_path / f"{name}.json")
+        assert p.returncode == 0, p.stderr
+    mem, got = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("mem", "str"))
+    assert got["kind"] == mem["kind"] == "pruned-checkpoint"
+    assert got["plan"]["layers"] == mem["plan"]["layers"] and got["layout"] == mem["layout"]
+    assert got["config"]["stream"] and not mem["config"]["stream"]
+    assert {k for k in mem if k not in ("created", "command")} == {k for k in got if k not in ("created", "command")}
+    assert got["plan"]["meta"]["streamed"] == {"dtype": "float32", "gradient": "lens"}
+    assert json.loads((tmp_path / "str.json").read_text())["source_model"] == str(src)
+    same = {"config.json", "generation_config.json", "manifest.json", "tokenizer.json", "tokenizer_config.json",
+            "modeling_edgeprune.py"}
+    names = {n: {p.name for p in (tmp_path / n).iterdir()} for n in ("mem", "str")}
+    assert same & names["mem"] <= names["str"]  # weights: one file vs per-layer shards with an index
+    assert "model.safetensors.index.json" in names["str"]
+    a, b = load(str(tmp_path / "mem")), load(str(tmp_path / "str"))
+    ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(b.model(ids).logits, a.model(ids).logits, rtol=0, atol=1e-5)
+    bf16 = tmp_path / "bf16"
+    assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
+    shard = next(bf16.glob("model-00001-*.safetensors"))
+    with safe_open(str(shard), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--sensitivity", "loss"), "use --sensitivity bi"),
+    (("--recover-steps", "5"), "use --recover-steps 0"),
+    (("--scorer", "taylor", "--stream-gradient", "none"), "--stream-gradient lens"),
+    (("--device", "cuda"), "use --device cpu"),
+    (("--stream-gradient", "exact"), "unknown stream-gradient 'exact'"),
+])
+def test_cli_stream_errors_are_one_line(tmp_path, args, needle):
+    _, src = _saved(tmp_path)
+    p = _cli("prune", src, "--stream", *args, "-o", tmp_path / "o")
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and needle in lines[0], p.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_config_stream_keys(tmp_path, calib):
+    """[prune] stream / stream_gradient: config keys (and --set), in the prune stage's key only when streaming,
+    and the stage streams: the same result fields as the in-memory stage."""
+    from dataclasses import replace
+
+    from edgeprune.config import ModelLoad
+    from edgeprune.pipeline import load_config
+    from edgeprune.pipeline.stages import Context, PruneStage
+
+    path = tmp_path / "c.toml"
+    path.write_text('[prune]\nstream = true\nstream_gradient = "none"\n')
+    cfg = load_config(path)
+    assert (cfg.prune.stream, cfg.prune.stream_gradient) == (True, "none")
+    assert load_config(None, ["prune.stream=true"]).prune.stream
+    with pytest.raises(EdgePruneError, match="unknown stream-gradient"):
+        load_config(None, ["prune.stream_gradient='exact'"]).prune.validate()
+    lm, src = _saved(tmp_path, "qwen2")
+    ctx = Context(tmp_path / "run", None, False)
+    pcfg = replace(cfg.prune, ratio=0.3, n_samples=8, seq_len=32, rounds=1, piem_weights=[0.1, 0.0, 0.8])
+
+    def stage(**kw):
+        return PruneStage(ctx, str(src), "fp", replace(pcfg, **kw), calib, ModelLoad())
+
+    keys = {k: stage(**kw).inputs() for k, kw in {"mem": {"stream": False}, "mem_lens": {
+        "stream": False, "stream_gradient": "lens"}, "none": {}, "lens": {"stream_gradient": "lens"}}.items()}
+    assert keys["mem"] == keys["mem_lens"] and "stream" not in keys["mem"]  # older run directories keep their keys
+    assert keys["none"]["stream"] == {"gradient": "none"} and keys["lens"]["stream"] == {"gradient": "lens"}
+    assert keys["none"]["prune"] == keys["mem"]["prune"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    got, ref = stage().run(tmp_path / "a"), stage(stream=False).run(tmp_path / "b")
+    assert (tmp_path / "a" / "model" / "model.safetensors.index.json").is_file()
+    for k in ("shapes_before", "layer_params_before", "layer_params_after", "layer_shapes", "params_after",
+              "checkpoint"):
+        assert got[k] == ref[k], k
+    assert got["plan"]["layers"] == ref["plan"]["layers"]

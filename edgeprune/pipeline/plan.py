@@ -59,6 +59,10 @@ def plan_stages(cfg: RunConfig, ctx: Context) -> list[Stage]:
     check_writable_parent(ctx.run_dir / "x")
     cfg.prune.validate()
     cfg.run.validate()
+    if cfg.prune.stream:
+        from edgeprune.stream_prune import check_streamable
+
+        check_streamable(cfg.prune, cfg.run.device)
     targets = cfg.export.targets()
     cfg.evaluate.validate()
     cfg.profile.validate()

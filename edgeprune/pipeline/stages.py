@@ -97,6 +97,9 @@ class Context:
         return model if variant == "baseline" else str(stage_dir(self.run_dir, "prune") / "model")
 
 
+STREAM_FIELDS = ("stream", "stream_gradient")
+
+
 def _load_inputs(load: ModelLoad) -> dict:
     # the default placement adds nothing, so keys of run directories written before it existed stay valid
     return {} if load.is_default else {"load": {"device": load.device, "dtype": load.dtype}}
@@ -148,7 +151,7 @@ class EvalStage(Stage):
 
 @dataclass
 class PruneStage(Stage):
-    """Prune the model with ``config`` and save the checkpoint."""
+    """Prune the model with ``config`` and save the checkpoint (streamed layer by layer when ``config.stream``)."""
 
     ctx: Context
     model: str
@@ -163,10 +166,16 @@ class PruneStage(Stage):
                      f"{self.config.ratio:g}"
 
     def inputs(self) -> dict:
-        return {"model": self.model_fp, "prune": section_dict(self.config), "calib": self.calib.sha256,
-                **_load_inputs(self.load)}
+        prune = {k: v for k, v in section_dict(self.config).items() if k not in STREAM_FIELDS}
+        # streaming's fields join the key only when set, so keys of run directories written before they existed
+        # stay valid (and the gradient term of streaming does not key an in-memory prune)
+        stream = {"stream": {"gradient": self.config.stream_gradient}} if self.config.stream else {}
+        return {"model": self.model_fp, "prune": prune, "calib": self.calib.sha256, **_load_inputs(self.load),
+                **stream}
 
     def run(self, out: Path) -> PruneResult:
+        if self.config.stream:
+            return self._stream(out)
         from edgeprune.checkpoint import save_checkpoint
         from edgeprune.models import load
         from edgeprune.models.info import layer_param_counts
@@ -180,6 +189,17 @@ class PruneStage(Stage):
         return {**record, "shapes_before": shapes_before, "layer_params_before": layer_params_before,
                 "layer_params_after": [layer_param_counts(layer) for layer in lm.adapter.layers],
                 "checkpoint": "model"}
+
+    def _stream(self, out: Path) -> PruneResult:
+        from edgeprune.prune import prune_checkpoint
+        from edgeprune.stream_prune import layer_summary
+        from edgeprune.streaming import source_dir
+
+        record = prune_checkpoint(self.model, self.config, self.calib, out / "model", self.load,
+                                  progress=self.ctx.progress)
+        before, after = layer_summary(source_dir(self.model)), layer_summary(out / "model")
+        return {**record, "shapes_before": before["shapes"], "layer_params_before": before["layer_params"],
+                "layer_params_after": after["layer_params"], "checkpoint": "model"}
 
 
 @dataclass
