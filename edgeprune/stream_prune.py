@@ -39,6 +39,7 @@ from edgeprune.surgery import cut_attention, cut_mlp, unit_dims
 GRADIENTS = STREAM_GRADIENTS  # PruneConfig.stream_gradient
 DEFAULT_GRADIENT = GRADIENTS[0]  # measured: bench/stream_gradient.py, README "Scale"
 LENS_STRIDE = 8  # the logit-lens loss reads every 8th position (its lm_head products cost ~1/3 of a layer pass each)
+LENS_CHUNK_BYTES = 32 * 2**20  # float32 logits per lm_head product of the logit-lens loss
 
 
 def _stream_scorer(scorer, gradient: str):
@@ -63,10 +64,15 @@ def _projections(layer) -> dict[str, torch.nn.Linear]:
 
 
 def lens_gradients(adapter, layer, inputs: list, batches: torch.Tensor, micro_batch: int,
-                   stride: int = LENS_STRIDE) -> dict:
+                   stride: int = LENS_STRIDE, chunk_bytes: int = LENS_CHUNK_BYTES) -> dict:
     """Sum over the calibration batches of dL/dW for the layer's projections, L the logit-lens loss of the layer
     (mean next-token cross-entropy of lm_head(final_norm(layer output))) on every ``stride``-th position: the
-    lm_head products dominate the cost, once per layer. Keys as ``accumulate_gradients``."""
+    lm_head products dominate the cost, once per layer. Keys as ``accumulate_gradients``.
+
+    Memory: the layer's graph for one micro-batch, and the float32 logits of at most ``chunk_bytes`` at a time:
+    the loss is backpropagated to the picked layer outputs chunk of positions by chunk (each position's logits
+    depend on that position only, so the chunks' gradients do not overlap), then once through the layer. Only the
+    projection weights take gradients (the lm_head's is never formed)."""
     params = {f"{layer.index}.{k}": m.weight for k, m in _projections(layer).items()}
     for p in params.values():
         p.requires_grad_(True)
@@ -77,12 +83,19 @@ def lens_gradients(adapter, layer, inputs: list, batches: torch.Tensor, micro_ba
             for j, (hidden, kw) in enumerate(inputs):
                 ids = batches[j * micro_batch:(j + 1) * micro_batch]
                 out = run_layer(layer.layer, hidden, kw)
-                logits = adapter.lm_head(adapter.final_norm(out[:, :-1][:, ::stride])).float()
-                loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.size(-1)), ids[:, 1::stride].reshape(-1), reduction="sum") / n_total
-                loss.backward()
-                del logits, loss, out
-        return {k: p.grad.detach().clone() for k, p in params.items()}
+                picked = out[:, :-1][:, ::stride]
+                leaf = picked.detach().requires_grad_(True)
+                rows, targets = leaf.reshape(-1, leaf.size(-1)), ids[:, 1::stride].reshape(-1)
+                vocab = adapter.lm_head.weight.shape[0]
+                step = max(1, chunk_bytes // (4 * vocab))
+                for c in range(0, rows.shape[0], step):
+                    logits = adapter.lm_head(adapter.final_norm(rows[c:c + step])).float()
+                    loss = torch.nn.functional.cross_entropy(logits, targets[c:c + step], reduction="sum") / n_total
+                    loss.backward()
+                    del logits, loss
+                picked.backward(leaf.grad)
+                del out, picked, leaf, rows
+        return {k: p.grad.detach() for k, p in params.items()}
     finally:
         for p in params.values():
             p.grad = None

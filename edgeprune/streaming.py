@@ -87,6 +87,7 @@ def skeleton(path: Path, dtype: torch.dtype = torch.float32):
         else:
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     model.to(dtype)  # meta parameters take the working dtype; buffers (rotary frequencies) are float32 anyway
+    model.requires_grad_(False)  # kept when materialised: a pass that wants gradients asks for them per weight
     return model.eval()
 
 

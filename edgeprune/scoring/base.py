@@ -64,17 +64,56 @@ class Scorer:
 
 # ---- reductions from per-element / per-feature tensors to units -------------------------------------
 
-def reduce_weights(layer, q=None, k=None, v=None, o=None, gate=None, up=None, down=None):
-    """Sum per-element tensors shaped like the projection weights into (groups, heads, channels)."""
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def unit_sums(layer, role: str, t: torch.Tensor) -> torch.Tensor:
+    """A per-element tensor shaped like projection ``role``'s weight summed into that projection's units: q and o
+    per query head, k and v per KV head, gate and up per row, down per column (a channel)."""
+    h, kv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    if role == "q":
+        return t.view(h, d, -1).sum((1, 2))
+    if role in ("k", "v"):
+        return t.view(kv, d, -1).sum((1, 2))
+    if role == "o":
+        return t.view(t.shape[0], h, d).sum((0, 2))
+    return t.sum(0 if role == "down" else 1)
+
+
+def combine_unit_sums(layer, sums: dict[str, torch.Tensor]):
+    """(groups, heads, channels) from the per-projection ``unit_sums``."""
     groups = heads = channels = None
     if layer.has_attention:
-        h, kv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
-        heads = q.view(h, d, -1).sum((1, 2)) + o.view(o.shape[0], h, d).sum((0, 2))
-        kv_part = k.view(kv, d, -1).sum((1, 2)) + v.view(kv, d, -1).sum((1, 2))
+        h, kv = layer.num_heads, layer.num_kv_heads
+        heads = sums["q"] + sums["o"]
+        kv_part = sums["k"] + sums["v"]
         groups = heads.view(kv, h // kv).sum(1) + kv_part
     if layer.has_mlp:
-        channels = gate.sum(1) + up.sum(1) + down.sum(0)
+        channels = sums["gate"] + sums["up"] + sums["down"]
     return groups, heads, channels
+
+
+def reduce_weights(layer, **tensors):
+    """Sum per-element tensors shaped like the projection weights (``q=..., down=...``) into (groups, heads,
+    channels)."""
+    return combine_unit_sums(layer, {r: unit_sums(layer, r, t) for r, t in tensors.items() if t is not None})
+
+
+def reduce_per_projection(layer, elementwise):
+    """``reduce_weights`` of ``elementwise(role, linear)`` for every projection of the layer, computed and summed
+    one projection at a time, so only one such tensor (typically a float64 copy of one weight) exists at once;
+    the same sums as building them all first."""
+    projections = {}
+    if layer.has_attention:
+        projections.update(layer.attention_projections()._asdict())
+    if layer.has_mlp:
+        projections.update(layer.mlp_projections()._asdict())
+    sums = {}
+    for role, lin in projections.items():
+        t = elementwise(role, lin)
+        sums[role] = unit_sums(layer, role, t)
+        del t
+    return combine_unit_sums(layer, sums)
 
 
 def reduce_features(layer, attn_feat=None, mlp_feat=None):
@@ -105,7 +144,9 @@ def normalise(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def outlier_ratio(layer, stats, m: float = 5.0) -> float:
-    """OWL's layer outlier ratio: the share of Wanda scores |W_ij| * ||X_j|| above m times their layer mean."""
+    """OWL's layer outlier ratio: the share of Wanda scores |W_ij| * ||X_j|| above m times their layer mean.
+    Two passes over the projections (the sum, then the count above the threshold), each holding one projection's
+    float64 scores at a time."""
     pairs = []
     if layer.has_attention:
         a = layer.attention_projections()
@@ -113,10 +154,13 @@ def outlier_ratio(layer, stats, m: float = 5.0) -> float:
     if layer.has_mlp:
         mp = layer.mlp_projections()
         pairs += [(mp.gate, stats.mlp_x), (mp.up, stats.mlp_x), (mp.down, stats.mlp_in)]
-    mats = [lin.weight.detach().abs().double() * s.sumsq.sqrt()[None, :] for lin, s in pairs]
-    if not mats:
+    if not pairs:
         return 0.0
-    total = sum(x.sum() for x in mats)
-    count = sum(x.numel() for x in mats)
+
+    def wanda(lin, s):
+        return lin.weight.detach().abs().double() * s.sumsq.sqrt()[None, :]
+
+    total = sum(wanda(lin, s).sum() for lin, s in pairs)
+    count = sum(lin.weight.numel() for lin, _ in pairs)
     mean = total / count
-    return float(sum((x > m * mean).sum() for x in mats) / count)
+    return float(sum((wanda(lin, s) > m * mean).sum() for lin, s in pairs) / count)

@@ -33,9 +33,9 @@ class FeatureStats:
                    torch.zeros(dim, dtype=torch.float64, device=device))
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64, copy=True)  # a copy: squared in place below
         self.sum += x.sum(0)
-        self.sumsq += (x * x).sum(0)
+        self.sumsq += x.square_().sum(0)
         self.n += x.shape[0]
 
     @property
@@ -129,9 +129,11 @@ def collect_layer_stats(layer: LayerAdapter, inputs: list) -> tuple[LayerStats, 
             stats.attn_in.update(x)
             xh = x.reshape(-1, n_heads, head_dim).float()
             y = torch.einsum("thd,ohd->tho", xh, w)  # each head's contribution to the residual
-            stats.head_energy.add_(y.double().pow(2).sum((0, 2)))
+            del xh
             yg = y.view(y.shape[0], n_kv, n_heads // n_kv, -1).sum(2)
-            stats.group_energy.add_(yg.double().pow(2).sum((0, 2)))
+            stats.head_energy.add_(y.double().square_().sum((0, 2)))  # the float32 y and one float64 copy
+            del y
+            stats.group_energy.add_(yg.double().square_().sum((0, 2)))
 
         handles.append(o.register_forward_pre_hook(attn_hook))
     if layer.has_mlp:

@@ -10,17 +10,13 @@ from edgeprune.scoring.base import (
     block_scores,
     normalise,
     reduce_features,
-    reduce_weights,
+    reduce_per_projection,
 )
 
 
-def _weights(layer):
-    out = {}
-    if layer.has_attention:
-        out.update({r: m.weight.detach().double() for r, m in layer.attention_projections()._asdict().items()})
-    if layer.has_mlp:
-        out.update({r: m.weight.detach().double() for r, m in layer.mlp_projections()._asdict().items()})
-    return out
+def _f64(weight: torch.Tensor) -> torch.Tensor:
+    """A float64 copy of a weight (always a copy: callers work on it in place)."""
+    return weight.detach().to(torch.float64, copy=True)
 
 
 def _col_norm_sq(layer):
@@ -36,8 +32,7 @@ class MagnitudeScorer(Scorer):
     name = "magnitude"
 
     def score_layer(self, layer, stats, grads):
-        w = _weights(layer)
-        g, h, c = reduce_weights(layer, **{k: v.pow(2) for k, v in w.items()})
+        g, h, c = reduce_per_projection(layer, lambda _r, lin: _f64(lin.weight).square_())
         def sqrt(t):
             return (None if t is None else t.sqrt())
         return LayerUnitScores(sqrt(g), sqrt(h), sqrt(c), block_scores(stats))
@@ -52,9 +47,8 @@ class TaylorScorer(Scorer):
     def score_layer(self, layer, stats, grads):
         if hasattr(grads, "layer_scores"):  # per-unit sums folded during the backward pass (scoring.gradients)
             return grads.layer_scores(layer, block_scores(stats))
-        w = _weights(layer)
-        prod = {k: (v * grads[f"{layer.index}.{k}"].double()).abs() for k, v in w.items()}
-        g, h, c = reduce_weights(layer, **prod)
+        g, h, c = reduce_per_projection(
+            layer, lambda r, lin: _f64(lin.weight).mul_(grads[f"{layer.index}.{r}"].double()).abs_())
         return LayerUnitScores(g, h, c, block_scores(stats))
 
 
