@@ -1,6 +1,9 @@
 """Streamed scoring and pruning: the layer-by-layer passes run on a ``StreamedModel`` (edgeprune.streaming), so
 the whole model is never resident. Peak memory: the embeddings, final norm and lm_head, one decoder layer, the
-calibration activations of one layer (inputs and outputs), and the statistics of one layer.
+calibration activations of one layer (inputs and outputs), the statistics of one layer, and the temporaries of
+one pass: one micro-batch's layer graph and 32 MiB chunks of logit-lens logits (``lens_gradients``), the
+per-head products of one micro-batch (``collect_layer_stats``), float64 copies of one projection weight at a time
+(the scorers' weight terms, OWL's outlier ratios). The heap is trimmed after every layer (streaming.trim_heap).
 
 - ``stream_score``: the activation statistics and Block Influence of ``collect_layer_stats`` layer by layer; the
   same scores as ``score_model`` for every scorer without a gradient term.
@@ -15,8 +18,10 @@ calibration activations of one layer (inputs and outputs), and the statistics of
 - ``stream_prune``: rounds of score -> (Block Influence) sensitivity -> allocation -> plan -> pruned shards,
   each round streaming the previous round's output; writes a checkpoint that ``load`` and plain transformers read.
 
-Not supported while streaming (a clear error): the ``loss`` and ``fisher`` sensitivities (whole-model passes or
-gradients) and distillation (``recover_steps``), which needs the student resident.
+Not supported while streaming (``check_streamable``: one-line errors that name the option to change): the ``loss``
+and ``fisher`` sensitivities (whole-model passes or gradients), distillation (``recover_steps``), which needs the
+student resident, and devices other than the CPU. `edgeprune prune --stream` and the pipeline reach this module
+through ``edgeprune.prune.prune_checkpoint``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from edgeprune.errors import EdgePruneError
 from edgeprune.plan import PruningPlan, compose
 from edgeprune.reconstruct import reconstruct_layer
 from edgeprune.scoring.calibration import capture_layer0_inputs, collect_layer_stats, run_layer
-from edgeprune.streaming import LayerShardWriter, StreamedModel, layer_state, release, write_config
+from edgeprune.streaming import LayerShardWriter, StreamedModel, layer_state, release, trim_heap, write_config
 from edgeprune.surgery import cut_attention, cut_mlp, unit_dims
 
 GRADIENTS = STREAM_GRADIENTS  # PruneConfig.stream_gradient
@@ -119,8 +124,10 @@ def stream_score(sm: StreamedModel, scorer, batches: torch.Tensor, micro_batch: 
     for index in tqdm(range(len(sm.adapter.layers)), desc="streamed scoring", unit="layer",
                       disable=not progress, leave=False):
         with sm.layer(index) as layer:
-            grads = lens_gradients(sm.adapter, layer, inputs, batches, micro_batch) if scorer.needs_gradients \
-                else None
+            grads = None
+            if scorer.needs_gradients:
+                grads = lens_gradients(sm.adapter, layer, inputs, batches, micro_batch)
+                trim_heap()  # the backward pass's temporaries, before the statistics pass allocates its own
             stats = None
             if need_run:
                 stats, inputs = collect_layer_stats(layer, inputs)

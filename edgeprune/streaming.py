@@ -16,6 +16,7 @@ forward passes over decoder layers (a layer on ``meta`` cannot compute).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,6 +169,7 @@ class StreamedModel:
             yield adapter
         finally:
             release(adapter.layer)
+            trim_heap()
 
     def layer_bytes(self) -> int:
         """Bytes of the largest decoder layer in the working dtype (what one materialised layer costs)."""
@@ -178,6 +180,27 @@ class StreamedModel:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
+
+
+def trim_heap() -> None:
+    """Hand the memory freed by a layer's pass back to the OS (glibc's ``malloc_trim``; nothing elsewhere). glibc
+    keeps freed heap blocks below its (adaptive, up to 32 MiB) mmap threshold, and a pass's temporaries are such
+    blocks, so without this the process's resident size creeps up by what earlier layers' passes left behind."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 def release(module: torch.nn.Module) -> None:

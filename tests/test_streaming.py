@@ -47,6 +47,26 @@ def test_streamed_scores_equal_in_memory(tmp_path, calib, family):
     assert all(p.device.type == "meta" for layer in sm.adapter.layers for p in layer.layer.parameters())
 
 
+def test_streamed_piem_with_the_lens_term(tmp_path, calib):
+    """The default streamed PIEM: the gradient term comes from the logit lens (and changes the scores), the
+    layers go back to meta, the lens pass leaves no gradient on any weight."""
+    from edgeprune.data import calibration_batches
+    from edgeprune.scoring import make_scorer
+    from edgeprune.stream_prune import stream_score
+    from edgeprune.streaming import StreamedModel
+
+    lm, src = _saved(tmp_path)
+    sm = StreamedModel(src)
+    batches = calibration_batches(lm.tokenizer, calib, 8, 32, 0)
+    lens = stream_score(sm, make_scorer("piem"), batches, micro_batch=4, progress=False)
+    none = stream_score(sm, make_scorer("piem"), batches, micro_batch=4, gradient="none", progress=False)
+    assert lens.meta["gradient"] == "lens" and lens.meta["scorer"]["beta"] > 0 == none.meta["scorer"]["beta"]
+    for a, b in zip(lens.layers, none.layers, strict=True):
+        assert torch.isfinite(a.channels).all() and not torch.allclose(a.channels, b.channels)
+    assert all(p.grad is None and not p.requires_grad for p in sm.model.parameters())
+    assert all(p.device.type == "meta" for layer in sm.adapter.layers for p in layer.layer.parameters())
+
+
 def test_lens_gradient_is_exact_for_the_last_layer(tmp_path, calib):
     """The layer-local logit-lens loss of the last layer is the model's loss: its gradient is the true one."""
     from edgeprune.data import calibration_batches
