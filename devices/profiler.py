@@ -12,7 +12,7 @@ Three ways to run it, same code:
     edgeprune profile ARTIFACT_DIR --device cpu [--json PATH]       # host CLI (runs this in a subprocess)
     python -m edgeprune.devices.profiler ARTIFACT_DIR [options]
     python profiler.py ARTIFACT_DIR [options]                        # on a device: this file + its siblings
-                                                                     # (ort_generate.py / llama_generate.py)
+                                                                     # (ship.CODE_FILES, as a bundle has them)
 
 Device-side install: ``pip install numpy psutil llama-cpp-python`` (GGUF) and/or
 ``pip install numpy psutil onnxruntime tokenizers`` (ONNX; ``onnxruntime-gpu`` on Jetson).
@@ -21,6 +21,7 @@ The parts, each a sibling module shipped with this one: ``artifact_info.py`` (wh
 ``memory_check.py`` (the budget check before loading), ``machine.py`` (the machine, versions, resident memory) and
 ``timing.py`` (the runtime backends and the measurements). This module runs them in order and writes the
 document; the names other code reads from here (``model_shape``, ``memory_check_for``, ...) are re-exported.
+It does not ship anything or choose a device's settings (``ship.py``, ``profiles.py``).
 """
 
 from __future__ import annotations
