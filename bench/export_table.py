@@ -171,7 +171,8 @@ def _derived(quantize: Callable[[Path, Path], dict]):
     """An INT8 graph made from the fp32 artifact's graph (what export_onnx does after tracing), parity-checked
     against PyTorch like an export; the manifest is the fp32 one with the quantization and the new check."""
     def build(ctx: Ctx, out: Path) -> None:
-        from edgeprune.export.onnx import MODEL_FILE, _file_bytes, check_onnx
+        from edgeprune.export.onnx import MODEL_FILE, check_onnx
+        from edgeprune.export.onnx_files import file_bytes
 
         from edgeprune.io import atomic_dir, manifest, write_json
 
@@ -188,7 +189,7 @@ def _derived(quantize: Callable[[Path, Path], dict]):
                                                                   "seconds", "size_bytes", "external_data")}
             fields.update(dtype="int8", quantization=info, derived_from=str(src.relative_to(ROOT)),
                           external_data=(tmp / (MODEL_FILE + ".data")).exists(),
-                          size_bytes=_file_bytes(tmp / MODEL_FILE))
+                          size_bytes=file_bytes(tmp / MODEL_FILE))
             fields["parity"] = check_onnx(tmp, ctx.ckpt)
             fields["seconds"] = round(time.perf_counter() - start, 2)
             write_json(tmp / "manifest.json", manifest("onnx-export", **fields))

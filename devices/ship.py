@@ -34,7 +34,8 @@ from edgeprune.devices.profiles import DeviceProfile
 from edgeprune.errors import EdgePruneError
 
 DEVICE_DIR = Path(__file__).resolve().parent
-CODE_FILES = ("profiler.py", "ort_generate.py", "llama_generate.py", "bundle.py", "emulation.py", "greedy.py")
+CODE_FILES = ("profiler.py", "artifact_info.py", "memory_check.py", "machine.py", "timing.py", "ort_generate.py",
+              "llama_generate.py", "bundle.py", "emulation.py", "greedy.py")
 DEVICE_REQUIREMENTS = {
     "gguf": "numpy\npsutil\nllama-cpp-python  # CUDA build on Jetson: CMAKE_ARGS=-DGGML_CUDA=on\n",
     "onnx": "numpy\npsutil\ntokenizers\nonnxruntime  # onnxruntime-gpu (NVIDIA's Jetson wheel) on Jetson\n",

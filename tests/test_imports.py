@@ -20,7 +20,9 @@ def test_device_side_imports_without_torch():
 
 def test_device_modules_import_without_torch():
     # the device side (profiler, runtimes, bundle agent) and the host side of devices (profiles, ship)
-    mods = _modules_after("import edgeprune.devices.profiler, edgeprune.devices.ort_generate, "
+    mods = _modules_after("import edgeprune.devices.profiler, edgeprune.devices.artifact_info, "
+                          "edgeprune.devices.memory_check, edgeprune.devices.machine, edgeprune.devices.timing, "
+                          "edgeprune.devices.ort_generate, "
                           "edgeprune.devices.llama_generate, edgeprune.devices.bundle, "
                           "edgeprune.devices.profiles, edgeprune.devices.ship, edgeprune.devices.emulation, "
                           "edgeprune.devices.greedy, edgeprune.devices.sim, edgeprune.devices.provision, "

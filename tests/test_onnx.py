@@ -167,8 +167,9 @@ def test_fp16_int8_and_optimizer_paths(tmp_path, tiny_exports):
 
 def test_external_data(tmp_path, tiny_exports, monkeypatch):
     import edgeprune.export.onnx as ox
+    import edgeprune.export.onnx_files as files
 
-    monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 1000)
+    monkeypatch.setattr(files, "EXTERNAL_DATA_BYTES", 1000)
     ck, _, _, _ = tiny_exports["qwen2"]
     info = ox.export_onnx(ck, tmp_path / "ext", n_tokens=4)
     assert info["external_data"] and (tmp_path / "ext" / "model.onnx.data").is_file()
@@ -178,12 +179,13 @@ def test_external_data(tmp_path, tiny_exports, monkeypatch):
 def test_full_trace_fallback(tmp_path, tiny_exports, monkeypatch):
     """A graph input the weight writer cannot map falls back to the full trace, with the same parity."""
     import edgeprune.export.onnx as ox
+    import edgeprune.export.onnx_trace as trace
     from edgeprune.export.onnx_weights import UnresolvedWeight
 
     def unresolved(*a, **k):
         raise UnresolvedWeight("x")
 
-    monkeypatch.setattr(ox, "attach_weights", unresolved)
+    monkeypatch.setattr(trace, "attach_weights", unresolved)
     ck, _, _, _ = tiny_exports["pruned"]
     info = ox.export_onnx(ck, tmp_path / "full", n_tokens=4)
     assert info["weights"] == "full trace" and info["parity"]["passed"]
@@ -216,7 +218,7 @@ def test_bad_inputs_leave_nothing(tmp_path, tiny_exports, monkeypatch):
         return {"passed": False, "max_abs_logit_diff": 9.0, "tolerance": 1e-3, "cache_max_abs_logit_diff": 0.0,
                 "greedy_match": False, "cache_match": True}
 
-    monkeypatch.setattr(ox, "_check", failed)
+    monkeypatch.setattr(ox, "check_parity", failed)
     with pytest.raises(EdgePruneError, match="parity check failed"):
         ox.export_onnx(ck, out, "fp32")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file"]  # no output, no temp dir

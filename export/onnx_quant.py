@@ -1,0 +1,250 @@
+"""Converting and quantizing a float32 ONNX graph: onnxruntime's transformer optimizer, float16, and the INT8
+recipes (weight-only ``MatMulNBits`` blocks, ``DynamicQuantizeMatMul``, onnxruntime's ``quantize_dynamic``).
+Weights are read from the source graph's external data one tensor at a time.
+
+It does not trace a model (``onnx_trace.py``), smooth one (``onnx_smooth.py``) or check the result against
+PyTorch (``onnx_check.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeprune.export.onnx_files import EXTERNAL_DATA_BYTES, file_bytes, quiet, save_model
+from edgeprune.export.onnx_weights import internalise, load_tensor
+
+from edgeprune.errors import EdgePruneError
+
+# INT8 recipes (see quantize_int8); the default is the measured choice
+INT8_RECIPES = ("nbits8", "nbits8-b64", "smooth-hybrid", "dynamic", "dynamic-excl")
+DEFAULT_INT8 = "nbits8"
+NBITS_BLOCK = 32
+NBITS_ACCURACY = 4
+
+
+def optimize_graph(src: Path, dst: Path) -> dict:
+    """onnxruntime's transformer optimizer, normalisation fusions only (RMSNorm -> SimplifiedLayerNormalization,
+    residual add + RMSNorm -> SkipSimplifiedLayerNormalization). Attention fusion is off: its patterns assume
+    one head count for every layer. Measured on SmolLM2-135M (CPU): no faster than the plain graph, whose
+    equivalent fusions onnxruntime applies itself when the session is created, so it is off by default."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opts = FusionOptions("gpt2")
+    opts.enable_attention = False
+    opts.enable_rotary_embeddings = False
+    opts.enable_embed_layer_norm = False
+    with quiet():
+        opt = optimize_model(str(src), model_type="gpt2", num_heads=0, hidden_size=0, optimization_options=opts,
+                             opt_level=0, use_gpu=False)
+    fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    save_model(opt.model, dst)
+    return {"fused": fused}
+
+
+def to_fp16(src: Path, dst: Path) -> dict:
+    """Weights and compute in float16; the graph's inputs and outputs (logits, KV cache) stay float32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = onnx.load(str(src), load_external_data=True)
+    with quiet():
+        proto = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
+    save_model(proto, dst)
+    return {"method": "float16", "keep_io_types": True}
+
+
+def quantize_nbits(src: Path, dst: Path, bits: int = 8, block_size: int = NBITS_BLOCK,
+                   accuracy_level: int = NBITS_ACCURACY, symmetric: bool = True, exclude: tuple[str, ...] = (),
+                   embedding: bool = True) -> dict:
+    """Weight-only block quantization: every MatMul with a constant 2-D float weight becomes ``MatMulNBits``
+    (blocks of ``block_size`` along K, one scale per block), the lm_head included (the tied head is a MatMul with
+    a transposed copy of the embedding as its own initializer). ``embedding``: the token embedding's Gather
+    becomes ``GatherBlockQuantized`` (8-bit, same blocks) too. ``exclude``: node-name substrings to leave in
+    float."""
+    def choose(name: str) -> str | None:
+        return None if any(x and x in name for x in exclude) else "nbits"
+
+    return quantize_weights(src, dst, choose, bits=bits, block_size=block_size, accuracy_level=accuracy_level,
+                            symmetric=symmetric, embedding=embedding)
+
+
+def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: int = NBITS_BLOCK,
+                     accuracy_level: int = NBITS_ACCURACY, symmetric: bool = True, embedding: bool = True,
+                     dynamic_bits: int = 7) -> dict:
+    """Quantize the weights of every MatMul with a constant 2-D float weight, as ``choose(node name)`` says:
+
+    - ``"nbits"``: ``MatMulNBits``, weight-only block quantization (blocks of ``block_size`` along K). The RTN
+      scheme and C++ packing kernel of onnxruntime's ``MatMulNBitsQuantizer`` (DEFAULT algorithm), applied here
+      directly because that module needs ``onnx_ir``. ``accuracy_level`` 4 computes with int8 activations
+      (quantized per block at run time); levels 0/1 compute in float32, which for 8-bit weights is a slow path in
+      onnxruntime 1.32 (~5x slower per decode step than float32 weights);
+    - ``"dynamic"``: ``DynamicQuantizeMatMul`` (what onnxruntime fuses ``quantize_dynamic``'s output into):
+      symmetric per-column int8 weights, uint8 activations quantized per tensor at run time. ``dynamic_bits``
+      7 is the range onnxruntime's ``quantize_dynamic`` uses so that the u8 x s8 kernels of x86 CPUs without
+      VNNI cannot saturate; 8 is more accurate (and safe on VNNI/AMX x86 and on ARM);
+    - ``None``: stays float.
+
+    ``embedding``: the token embedding's Gather becomes ``GatherBlockQuantized`` (8-bit, blocks of
+    ``block_size``).
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnxruntime.capi import _pybind_state as C
+
+    packers = {4: C.quantize_matmul_4bits, 8: C.quantize_matmul_8bits}
+    if bits not in packers:
+        raise ValueError(f"bits must be 4 or 8, not {bits}")
+    src = Path(src)
+    proto = onnx.load(str(src), load_external_data=False)  # weights are read one at a time (load_tensor)
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    kpack = 8 // bits
+    new_nodes, added = [], []
+    counts = {"nbits": 0, "dynamic": 0, "float": 0, "embedding": 0}
+    for node in graph.node:
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if w is not None and len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT:
+            how = choose(node.name)
+            weight = load_tensor(w, src.parent).astype(np.float32)
+            rows, cols = weight.shape  # K, N
+            name = f"{node.name or w.name}_Q"
+            if how == "nbits":
+                k_blocks = -(-rows // block_size)
+                weight = np.ascontiguousarray(np.pad(weight, ((0, k_blocks * block_size - rows), (0, 0))))
+                packed = np.zeros((cols, k_blocks, -(-block_size // kpack)), dtype=np.uint8)
+                zero = np.zeros((cols, -(-k_blocks // kpack)), dtype=np.uint8)
+                scales = np.zeros((cols, k_blocks), dtype=np.float32)
+                packers[bits](packed, weight, scales, zero, block_size, cols, rows, symmetric)
+                ins = [node.input[0], f"{w.name}_Q{bits}", f"{w.name}_scales"]
+                added += [numpy_helper.from_array(packed, ins[1]),
+                          numpy_helper.from_array(scales.reshape(-1), ins[2])]
+                if not symmetric:
+                    ins.append(f"{w.name}_zero_points")
+                    added.append(numpy_helper.from_array(zero.reshape(-1), ins[3]))
+                attrs = {"K": rows, "N": cols, "bits": bits, "block_size": block_size}
+                if accuracy_level:
+                    attrs["accuracy_level"] = accuracy_level
+                new_nodes.append(helper.make_node("MatMulNBits", ins, list(node.output), name=name,
+                                                  domain="com.microsoft", **attrs))
+            elif how == "dynamic":
+                qmax = 2 ** (dynamic_bits - 1) - 1
+                scale = np.abs(weight).max(axis=0) / qmax
+                scale[scale == 0] = 1.0
+                q = np.clip(np.rint(weight / scale), -qmax, qmax).astype(np.int8)
+                ins = [node.input[0], f"{w.name}_int8", f"{w.name}_scale"]
+                added += [numpy_helper.from_array(q, ins[1]), numpy_helper.from_array(scale.astype(np.float32), ins[2])]
+                new_nodes.append(helper.make_node("DynamicQuantizeMatMul", ins, list(node.output), name=name,
+                                                  domain="com.microsoft"))
+            else:
+                new_nodes.append(node)
+                counts["float"] += 1
+                continue
+            uses[w.name] -= 1
+            counts[how] += 1
+            continue
+        e = inits.get(node.input[0]) if node.op_type == "Gather" and embedding else None
+        if (e is not None and len(e.dims) == 2 and e.data_type == onnx.TensorProto.FLOAT
+                and e.dims[1] % block_size == 0 and not any(a.name == "axis" and a.i != 0 for a in node.attribute)):
+            table = load_tensor(e, src.parent).astype(np.float32)
+            vocab, hidden = table.shape
+            blocks = table.reshape(vocab, hidden // block_size, block_size)
+            scale = np.abs(blocks).max(axis=-1) / 127.0
+            scale[scale == 0] = 1.0
+            q = (np.clip(np.rint(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8).reshape(vocab, hidden)
+            ins = [f"{e.name}_Q8", node.input[1], f"{e.name}_scales"]
+            added += [numpy_helper.from_array(q, ins[0]), numpy_helper.from_array(scale.astype(np.float32), ins[2])]
+            new_nodes.append(helper.make_node("GatherBlockQuantized", ins, list(node.output),
+                                              name=f"{node.name or e.name}_Q", domain="com.microsoft", bits=8,
+                                              block_size=block_size, gather_axis=0, quantize_axis=1))
+            uses[e.name] -= 1
+            counts["embedding"] += 1
+            continue
+        new_nodes.append(node)
+    keep = [t for t in graph.initializer if uses.get(t.name, 0) > 0]
+    for t in keep:  # the float tensors that stay (norms, biases, unquantized weights) move into the graph
+        internalise(t, src.parent)
+    del graph.initializer[:]
+    graph.initializer.extend(keep + added)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    save_model(proto, dst)
+    return {"nbits": {"bits": bits, "block_size": block_size, "symmetric": symmetric,
+                      "accuracy_level": accuracy_level, "matmuls": counts["nbits"]},
+            "dynamic": {"weight_bits": dynamic_bits, "per_channel": True, "matmuls": counts["dynamic"]},
+            "float_matmuls": counts["float"], "quantized_embeddings": counts["embedding"]}
+
+
+def quantize_dyn(src: Path, dst: Path, per_channel: bool = False, exclude: tuple[str, ...] = (),
+                 reduce_range: bool = False) -> dict:
+    """onnxruntime ``quantize_dynamic``: int8 weights (onnxruntime forces 7-bit range for MatMulInteger weights)
+    and uint8 activations quantized per tensor at run time. Only MatMuls with a constant weight; ``exclude``:
+    node-name substrings to leave in float."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    proto = onnx.load(str(src), load_external_data=False)
+    nodes = [n.name for n in proto.graph.node if n.op_type == "MatMul" and any(x and x in n.name for x in exclude)]
+    with quiet():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
+                         reduce_range=reduce_range, op_types_to_quantize=["MatMul"], nodes_to_exclude=nodes,
+                         use_external_data_format=file_bytes(src) > EXTERNAL_DATA_BYTES,
+                         extra_options={"MatMulConstBOnly": True})
+    return {"method": "quantize_dynamic", "per_channel": per_channel, "excluded": nodes, "reduce_range": reduce_range}
+
+
+def sensitive_matmuls(src: Path) -> tuple[str, ...]:
+    """Node names of the lm_head and of the down projections of the first and last layers."""
+    import onnx
+
+    names = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node if n.op_type == "MatMul"]
+    layers = sorted({int(n.split("/layers.")[1].split("/")[0]) for n in names if "/layers." in n and "down_proj" in n})
+    out = [n for n in names if "lm_head" in n]
+    for i in layers[:1] + layers[-1:]:
+        out += [n for n in names if f"/layers.{i}/" in n and "down_proj" in n]
+    return tuple(dict.fromkeys(out))
+
+
+def quantize_int8(src: Path, dst: Path, recipe: str = DEFAULT_INT8) -> dict:
+    """The INT8 recipes. PPL on the WikiText-2 test text (first 4096 tokens, seq 128) for SmolLM2-135M
+    (fp32 55.05) / a non-uniform pruned SmolLM2 (fp32 95.49), and parity (mean KL to PyTorch):
+
+    - ``nbits8`` (default): MatMulNBits 8-bit on every linear layer and the lm_head, blocks of 32, symmetric,
+      int8 compute (accuracy_level 4), 8-bit embedding: 55.17 (+0.2%) / 96.82 (+1.4%), KL 0.007 / 0.010;
+    - ``nbits8-b64``: the same with blocks of 64: 55.53 (+0.9%) / 97.21 (+1.8%), KL 0.009 / 0.017;
+    - ``smooth-hybrid`` (the graph must come from a model smoothed by ``smooth_model``): dynamic int8
+      (per-channel weights, per-tensor activations quantized at run time) on q/k/v/o/gate/up, MatMulNBits on
+      down_proj and the lm_head: 55.34 (+0.5%) / 96.63 (+1.2%), about 2x faster prefill than ``nbits8`` on a
+      CPU with VNNI/AMX, but calibration-sensitive (7-bit weights or 8 calibration windows: up to +3.0% on the
+      pruned model) and far less faithful token by token (KL 0.07 on the pruned model: fails the parity check);
+    - ``dynamic``: onnxruntime ``quantize_dynamic`` QInt8 on every MatMul: 101.2 (+84%);
+    - ``dynamic-excl``: the same without the lm_head and the first/last down_proj: 90.2 (+64%).
+    """
+    if recipe == "smooth-hybrid":
+        return {"method": "SmoothQuant + DynamicQuantizeMatMul + MatMulNBits",
+                **quantize_weights(src, dst, lambda name: "nbits" if _hybrid_nbits(name) else "dynamic",
+                                   dynamic_bits=8)}
+    if recipe == "nbits8":
+        return {"method": "MatMulNBits", **quantize_nbits(src, dst, bits=8, block_size=NBITS_BLOCK,
+                                                          accuracy_level=NBITS_ACCURACY)}
+    if recipe == "nbits8-b64":
+        return {"method": "MatMulNBits", **quantize_nbits(src, dst, bits=8, block_size=64,
+                                                          accuracy_level=NBITS_ACCURACY)}
+    if recipe == "dynamic":
+        return quantize_dyn(src, dst)
+    if recipe == "dynamic-excl":
+        return quantize_dyn(src, dst, exclude=sensitive_matmuls(src))
+    raise EdgePruneError(f"unknown int8 recipe '{recipe}' (expected one of {', '.join(INT8_RECIPES)})")
+
+
+def _hybrid_nbits(name: str) -> bool:
+    """MatMuls kept out of dynamic quantization: down_proj (its input has huge outliers SmoothQuant cannot fold
+    away: +70% PPL with dynamic int8) and the lm_head (+3%)."""
+    return "down_proj" in name or "lm_head" in name
