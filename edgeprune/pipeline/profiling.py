@@ -98,11 +98,13 @@ class Target:
 
     def profile(self, art: Path, json_path: Path) -> dict:
         """Profile ``art`` on the target; its JSON document, checked to come from the identified machine."""
+        from edgeprune.devices.remote import measured_on
+
         raw = _run(self.command(art, json_path), art, json_path, self.label)
-        ident = self.identity()
-        if (raw.get("arch"), bool(raw.get("emulated"))) != (ident["arch"], ident["emulated"]):
+        ident, m = self.identity(), measured_on(raw)
+        if (m["arch"], m["emulated"]) != (ident["arch"], ident["emulated"]):
             raise EdgePruneError(f"{self.label} was identified as {ident['arch']} (emulated: {ident['emulated']}) but "
-                                 f"the profile says {raw.get('arch')} (emulated: {raw.get('emulated')})")
+                                 f"the profile says {m['arch']} (emulated: {m['emulated']})")
         return raw
 
 
