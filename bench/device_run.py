@@ -18,6 +18,7 @@ import argparse
 import getpass
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -149,7 +150,7 @@ def main() -> int:
     if rc != 0:
         return rc
     if args.readme:
-        shown = " ".join(["python bench/device_run.py", *[f"--set {s}" for s in args.sets]])
+        shown = shlex.join(["python", "bench/device_run.py", *[x for s in args.sets for x in ("--set", s)]])
         update_readme(Path(args.readme), table(out, shown))
         print(f"updated the device-run block of {args.readme}")
     return 0
