@@ -58,9 +58,17 @@ $(STAMP): pyproject.toml Makefile
 
 DEMO_DIR ?= out/demo
 # The whole pipeline (edgeprune/configs/demo.toml) on MODEL; a rerun recomputes only what changed.
+#   make demo DEVICE=rpi5 HOST=pi@raspberrypi.local   the profile stages ship and profile on that device over SSH
+# (README "Devices"; PORT, KEY, KNOWN_HOSTS, REMOTE_PYTHON, REMOTE_DIR as for ship-DEVICE below). The measuring
+# machine is part of the profile stages' keys: a rerun elsewhere re-profiles and reuses the rest. DEMO_ARGS: more
+# `edgeprune run` options (e.g. --set prune.recover_steps=0).
+DEMO_DEVICE_ARGS = $(if $(DEVICE),--device $(or $(DEVICE_$(DEVICE)),$(DEVICE))) \
+	$(if $(HOST),--set profile.host=$(HOST)) $(if $(PORT),--set profile.port=$(PORT)) \
+	$(if $(KEY),--set profile.key=$(KEY)) $(if $(KNOWN_HOSTS),--set profile.known_hosts=$(KNOWN_HOSTS)) \
+	$(if $(REMOTE_PYTHON),--set profile.python=$(REMOTE_PYTHON)) $(if $(REMOTE_DIR),--set profile.remote_dir=$(REMOTE_DIR))
 demo: install
 	$(BIN)/edgeprune info $(MODEL)
-	$(BIN)/edgeprune run demo --model $(MODEL) --out $(DEMO_DIR)
+	$(BIN)/edgeprune run demo --model $(MODEL) --out $(DEMO_DIR) $(DEMO_DEVICE_ARGS) $(DEMO_ARGS)
 
 # DEVICE_SIM=1: build the emulated aarch64 device first (README "Devices": not by default, a fresh machine pays
 # 10-40 min for it); without it the aarch64 tests use the cached device or skip and say why.

@@ -5,8 +5,10 @@ through ``ship.py`` (the system's OpenSSH, host keys checked) and optionally set
 
 * ``connect(device, host, ...)`` -> (device profile, Remote): the profile's ``[ssh]`` settings, overridden.
 * ``device_identity(profile, remote, python)`` -> dict: arch, emulated or not (and the evidence), CPU model,
-  board, OS, Python and hostname as the device reports them, and ``key``: the fields that belong in a pipeline
-  stage's cache key (a different machine, or the same one emulated, must re-measure).
+  board, OS, Python, the versions of the device runtimes installed for that python and hostname as the device reports
+  them, and ``key``: the fields that belong in a pipeline stage's cache key (a different machine, the same one
+  emulated, or another runtime version must re-measure; the hostname and OS release are left out, so a re-imaged
+  or renamed board of the same kind keeps its cached profiles).
 * ``profile_on(artifact, device, host, ...)`` -> the profiler's JSON (``edgeprune.profile/1``) with ``ship`` and
   ``identity`` sections.
 * ``greedy_on(artifact, device, host, ...)`` -> ``greedy.run``'s JSON from the device.
@@ -28,8 +30,22 @@ from edgeprune.devices.profiles import DeviceProfile
 
 from edgeprune.errors import EdgePruneError
 
+# the device runtimes whose versions are part of a machine's identity (pip distribution names)
+RUNTIMES = ("numpy", "psutil", "tokenizers", "onnxruntime", "onnxruntime-gpu", "llama-cpp-python")
 IDENTITY = """import json, platform, socket
 exec(compile({src!r}, "emulation.py", "exec"))
+def runtimes(names):
+    try:
+        from importlib import metadata
+    except ImportError:  # Python < 3.8
+        return {{}}
+    out = {{}}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except Exception:
+            pass
+    return out
 def first(path, key=None):
     try:
         with open(path, errors="replace") as f:
@@ -44,9 +60,10 @@ def first(path, key=None):
 print(json.dumps({{"arch": platform.machine(), "emulation": detect(), "hostname": socket.gethostname(),
                   "cpu_model": first("/proc/cpuinfo", "model name") or first("/proc/cpuinfo", "Model"),
                   "board": first("/proc/device-tree/model"), "system": platform.system(),
-                  "release": platform.release(), "python": platform.python_version()}}))
+                  "release": platform.release(), "python": platform.python_version(),
+                  "runtimes": runtimes({runtimes!r})}}))
 """
-KEY_FIELDS = ("arch", "emulated", "cpu_model", "board", "python")
+KEY_FIELDS = ("arch", "emulated", "cpu_model", "board", "python", "runtimes")
 
 
 def connect(device: str | DeviceProfile, host: str | None = None, port: int | None = None, key: str | None = None,
@@ -67,14 +84,26 @@ def local_identity() -> dict:
     cpu = shipmod.prof._cpu_model()
     return _identity({"arch": platform.machine(), "emulation": emulation.detect(), "hostname": socket.gethostname(),
                       "cpu_model": cpu, "board": None, "system": platform.system(), "release": platform.release(),
-                      "python": platform.python_version()}, None)
+                      "python": platform.python_version(), "runtimes": _runtime_versions()}, None)
+
+
+def _runtime_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in RUNTIMES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def device_identity(profile: DeviceProfile, remote: shipmod.Remote, python: str | None = None) -> dict:
     """Ask the device who it is (one SSH round trip; the standard library only, so it works before setup)."""
     sh = shipmod.Shipper(remote, python or profile.python, profile.remote_dir, log=lambda m: None)
     src = (shipmod.DEVICE_DIR / "emulation.py").read_text().split('\nif __name__ == "__main__":')[0]
-    out = sh.run([sh.python, "-c", IDENTITY.format(src=src)], "identifying the device")
+    out = sh.run([sh.python, "-c", IDENTITY.format(src=src, runtimes=RUNTIMES)], "identifying the device")
     try:
         doc = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):

@@ -215,6 +215,9 @@ def _title(data: dict) -> str:
 def summary_rows(data: dict) -> tuple[list[str], list[list[str]]]:
     """The wide results table (README and report): one row per model and runtime."""
     header = ["model", "format", "params", "size (MiB)", "PPL", "TTFT (ms)", "decode tok/s", "peak RSS (MiB)"]
+    machines = any(a.get("measured_on") for a in data.get("artifacts", []))
+    if machines:  # which machine measured each profile (run directories of older versions do not say)
+        header.append("measured on")
     rows = []
     m = data.get("models", {})
     ratio = (data.get("prune", {}).get("config") or {}).get("ratio")
@@ -231,7 +234,7 @@ def summary_rows(data: dict) -> tuple[list[str], list[list[str]]]:
     for v in ("baseline", "pruned"):
         if v in m:
             rows.append([names[v], "PyTorch fp32", rel(v, "params", m[v]["params"], f"{m[v]['params'] / 1e6:.1f}M"),
-                         "–", rel(v, "ppl", m[v]["ppl"], _f(m[v]["ppl"])), "–", "–", "–"])
+                         "–", rel(v, "ppl", m[v]["ppl"], _f(m[v]["ppl"])), "–", "–", "–"] + ["–"] * machines)
     for a in data.get("artifacts", []):
         v = a["variant"]
         k = f"{a['format']}-{a['dtype']}"
@@ -241,8 +244,17 @@ def summary_rows(data: dict) -> tuple[list[str], list[list[str]]]:
                      rel(v, k + "ppl", a.get("ppl"), _f(a.get("ppl"))),
                      rel(v, k + "ttft", a.get("ttft_ms"), _f(a.get("ttft_ms"), 1)),
                      rel(v, k + "tps", a.get("decode_tokens_per_s"), _f(a.get("decode_tokens_per_s"), 1)),
-                     rel(v, k + "rss", a.get("peak_rss_mib"), _f(a.get("peak_rss_mib"), 0))])
+                     rel(v, k + "rss", a.get("peak_rss_mib"), _f(a.get("peak_rss_mib"), 0))]
+                    + [machine_label(a.get("measured_on"))] * machines)
     return header, rows
+
+
+def machine_label(m: dict | None) -> str:
+    """One table cell: the machine that measured a profile, and EMULATED when its timings are no device's."""
+    if not m:
+        return "–"
+    label = f"{m.get('host') or 'this host'} ({m.get('arch') or '?'}"
+    return label + (", EMULATED: not device timings)" if m.get("emulated") else ")")
 
 
 def _sections(data: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:

@@ -76,11 +76,21 @@ class ProfileSection:
     new_tokens: int = option(32, "decode steps")
     repeats: int = option(3, "measured repeats (medians)")
     threads: int = option(0, "runtime threads (0: the runtime's choice)")
-    args: list[str] = option([], "extra arguments for `edgeprune profile`")
+    args: list[str] = option([], "extra arguments for `edgeprune profile` (`edgeprune ship` with a host)")
+    # a device over SSH (edgeprune/pipeline/profiling.py says why these are flat keys); '' / 0: the device
+    # profile's [ssh] / [remote] settings; no host anywhere: profile on this machine
+    host: str = option("", "user@address: ship and profile there ('' = the device profile's [ssh] host, if any)")
+    port: int = option(0, "SSH port (0: the device profile's, else ssh's)")
+    key: str = option("", "SSH identity file ('' = the device profile's, else ssh's own / the agent)")
+    known_hosts: str = option("", "known_hosts file for the host key check ('' = the device profile's, else ssh's)")
+    python: str = option("", "python on the device ('' = the device profile's [remote] python)")
+    remote_dir: str = option("", "directory on the device ('' = the device profile's [remote] dir)")
 
     def validate(self) -> None:
         if self.prompt_tokens < 1 or self.new_tokens < 2 or self.repeats < 1 or self.threads < 0:
             raise EdgePruneError("profile.prompt_tokens and repeats must be at least 1, new_tokens at least 2")
+        if not 0 <= self.port < 65536:
+            raise EdgePruneError(f"profile.port must be 0 (the default) or a TCP port, not {self.port}")
 
 
 @dataclass

@@ -151,7 +151,10 @@ class Engine:
         return RunResult(self.run_dir, self.statuses, self.results)
 
     def _run_stage(self, stage: Stage, st: StageStatus, label: str) -> None:
-        inputs = stage.inputs()
+        try:
+            inputs = stage.inputs()  # may ask a device who it is (a profile stage's key)
+        except EdgePruneError as e:
+            self._fail(stage, st, e, 0.0)
         deps = {d: self.keys[d] for d in stage.deps}
         st.key = self.keys[stage.name] = stage_key(stage.name, inputs, deps)
         d = stage_dir(self.run_dir, stage.name)

@@ -7,7 +7,8 @@ model where it applies::
     eval-pruned                           the same evaluation of the pruned checkpoint
     export-{baseline,pruned}-FMT-DTYPE    ONNX / GGUF artifacts (INT8 included) with their parity checks
     ppl-{baseline,pruned}-FMT-DTYPE       PPL of each artifact in its own runtime (onnxruntime, llama.cpp)
-    profile-{baseline,pruned}-FMT-DTYPE   TTFT, decode tokens/s and peak RSS on the chosen device
+    profile-{baseline,pruned}-FMT-DTYPE   TTFT, decode tokens/s and peak RSS on the chosen device (here or
+                                          over SSH; keyed by the measuring machine's identity)
     report                                report.json, report.md and a self-contained report.html
 
 Not here: running them (engine.py) or what each does (stages.py).
@@ -24,6 +25,7 @@ from edgeprune.io import check_writable_parent, sha256_file
 from edgeprune.pipeline.config import RunConfig
 from edgeprune.pipeline.engine import Stage
 from edgeprune.pipeline.fingerprint import Fingerprints, task_hashes
+from edgeprune.pipeline.profiling import Target
 from edgeprune.pipeline.stages import (
     ArtifactPPLStage,
     Context,
@@ -66,6 +68,8 @@ def plan_stages(cfg: RunConfig, ctx: Context) -> list[Stage]:
     targets = cfg.export.targets()
     cfg.evaluate.validate()
     cfg.profile.validate()
+    # one per run (the device is identified once, when the first profile stage's key is needed)
+    target = Target(cfg.profile) if cfg.profile.enabled else None
     calib = resolve_text(cfg.data.calib, "calib")
     eval_text = resolve_text(cfg.data.eval, "eval")
     tasks_dir, tasks_hash = _tasks(cfg)
@@ -84,7 +88,7 @@ def plan_stages(cfg: RunConfig, ctx: Context) -> list[Stage]:
         stages += [ArtifactPPLStage(ctx, v, fmt, dtype, eval_text, cfg.evaluate)
                    for fmt, dtype in targets for v in VARIANTS]
     if cfg.profile.enabled:
-        stages += [ProfileStage(ctx, v, fmt, dtype, cfg.profile) for fmt, dtype in targets for v in VARIANTS]
+        stages += [ProfileStage(ctx, v, fmt, dtype, cfg.profile, target) for fmt, dtype in targets for v in VARIANTS]
     ablation = _ablation_source(cfg)
     stages.append(ReportStage(ctx, ablation, sha256_file(ablation) if ablation else None,
                               deps=tuple(s.name for s in stages)))

@@ -6,7 +6,7 @@ below; edgeprune/report.py reads them from each stage.json).
     PruneStage         score -> allocate -> surgery (-> refit, distillation) -> checkpoint
     ExportStage        an ONNX / GGUF artifact with its parity check
     ArtifactPPLStage   the artifact's PPL in its own runtime (onnxruntime, llama.cpp)
-    ProfileStage       TTFT, decode tokens/s, peak RSS through `edgeprune profile`
+    ProfileStage       TTFT, decode tokens/s, peak RSS through `edgeprune profile` (or `ship` to a device)
     ReportStage        report.json, report.md, report.html
 
 Not here: the order and wiring of stages (plan.py) or caching and atomic writes (engine.py).
@@ -25,6 +25,7 @@ from edgeprune.data import Text
 from edgeprune.io import MANIFEST
 from edgeprune.pipeline.config import EvaluateSection, ProfileSection, section_dict
 from edgeprune.pipeline.engine import Stage
+from edgeprune.pipeline.profiling import Target
 from edgeprune.rundir import ABLATION, REPORT, StageId, artifact_dir, stage_dir
 
 
@@ -79,6 +80,8 @@ class ProfileResult(ArtifactResult, total=False):
     profile: str  # the profiler's full JSON (profile.json)
     profiler: str | None
     warnings: list[str]
+    measured_on: dict  # edgeprune.devices.remote.measured_on: host, arch, emulated, CPU, board (the report shows it)
+    identity: dict  # the measuring machine as it answered before the stage (its "key" is in the stage's key)
 
 
 @dataclass
@@ -301,30 +304,35 @@ class ArtifactPPLStage(ArtifactStage):
 
 @dataclass
 class ProfileStage(ArtifactStage):
-    """Profile one artifact on the configured device profile."""
+    """Profile one artifact with the configured device profile, on the machine ``target`` names (this one, or a
+    device over SSH); that machine's identity is part of the key."""
 
     prof: ProfileSection
+    target: Target
     kind: ClassVar[str] = "profile"
     verb: ClassVar[str] = "profile"
 
     def __post_init__(self):
         super().__post_init__()
-        self.title += f" on {self.prof.device}"
+        self.title += f" on {self.prof.device}" + (f" at {self.target.label}" if self.target.remote else "")
 
     def inputs(self) -> dict:
-        from edgeprune.pipeline.profiling import PROFILER
+        from edgeprune.pipeline.profiling import CONNECTION, PROFILER
 
-        return {**section_dict(self.prof), "profiler": PROFILER}
+        settings = {k: v for k, v in section_dict(self.prof).items() if k not in CONNECTION}
+        return {**settings, "profiler": PROFILER, "machine": self.target.identity()["key"]}
 
     def run(self, out: Path) -> ProfileResult:
-        from edgeprune.pipeline.profiling import profile_artifact, summarize_profile
+        from edgeprune.devices.remote import measured_on
+        from edgeprune.pipeline.profiling import summarize_profile
 
         art = self.artifact
-        with self.ctx.spinner(f"profiling {self.variant} {self.format} {self.dtype}"):
-            raw = profile_artifact(art, self.prof, out / "profile.json")
+        with self.ctx.spinner(f"profiling {self.variant} {self.format} {self.dtype} on {self.target.label}"):
+            raw = self.target.profile(art, out / "profile.json")
         return {"variant": self.variant, "format": self.format, "dtype": self.dtype, "device": self.prof.device,
                 **summarize_profile(raw, self.prof.prompt_tokens), "profile": "profile.json",
-                "profiler": raw.get("schema"), "warnings": raw.get("warnings") or []}
+                "profiler": raw.get("schema"), "warnings": raw.get("warnings") or [],
+                "measured_on": measured_on(raw), "identity": self.target.identity()}
 
 
 @dataclass
