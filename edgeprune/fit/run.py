@@ -10,8 +10,9 @@
    measured/predicted factors and the next more compressed configuration is tried once.
 
 Outputs (``--out``): ``r{RATIO}/model`` (pruned checkpoints), ``r{RATIO}-{FMT}-{DTYPE}/artifact``, their PPL and
-profile JSON, and ``fit.json``. Does NOT touch the run pipeline's directory layout or config (a ``[fit]`` section
-is for later).
+profile JSON, and ``fit.json``. In `edgeprune run`, the ``[fit]`` section runs this as a stage (the recipe, texts and
+PPL settings are then the run config's: ``FitOptions.prune``/``data``/``evaluate``; edgeprune/pipeline/fit_stages.py).
+Does NOT know the run directory's layout, and does not draw the report (edgeprune/report_fit.py).
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class FitOptions:
     # table's machine state (load, clocks) cancels out. ``scale``: such factors known already (skips the anchor)
     anchor: bool = True
     scale: dict | None = None
+    # the recipe and texts of a run config (`edgeprune run` with [fit]); None: demo.toml's, with ``recipe`` overrides
+    prune: object | None = None  # a PruneConfig (its ratio is ignored)
+    data: dict | None = None  # {"calib": spec, "eval": spec}
+    evaluate: dict | None = None  # seq_len, batch_size, max_tokens, threads
+    load: dict = field(default_factory=dict)  # edgeprune.models.load's device / dtype
 
 
 def _log(msg: str) -> None:
@@ -82,6 +88,19 @@ def recipe(overrides: dict, unit_cost=None):
         pcfg.unit_cost = unit_cost
     pcfg.validate()
     return pcfg, cfg.get("data", {}), cfg.get("evaluate", {})
+
+
+def recipe_of(opts: FitOptions, unit_cost=None):
+    """``recipe`` for ``opts``: the run config's recipe and texts where it gives them, else demo.toml's."""
+    from dataclasses import replace
+
+    if opts.prune is None or opts.data is None or opts.evaluate is None:
+        pcfg, data, ev = recipe(opts.recipe, unit_cost)
+    if opts.prune is not None:
+        pcfg = replace(opts.prune, unit_cost=unit_cost)
+        pcfg.validate()
+    return pcfg, (data if opts.data is None else dict(opts.data)), (ev if opts.evaluate is None
+                                                                     else dict(opts.evaluate))
 
 
 # ---- latency models -------------------------------------------------------------------------------------------
@@ -153,7 +172,7 @@ def prune_to(opts: FitOptions, ckpt: Path, ratio: float, pcfg_base, data: dict, 
 
     _log(f"pruning {opts.model} to ratio {ratio:.2f} ({pcfg.scorer} + {pcfg.allocator}, {pcfg.rounds} rounds, "
          f"refit {pcfg.reconstruct}, {pcfg.recover_steps} distillation steps, {opts.budget} budget)")
-    lm = load(opts.model)
+    lm = load(opts.model, **opts.load)
     record = prune_model(lm, pcfg, resolve_text(data.get("calib", "builtin"), "calib"), progress=False,
                          cache=_SCORES.setdefault(opts.model, {}))
     save_checkpoint(lm, model_dir, {"source_model": opts.model, "source": lm.source, **record})
@@ -171,7 +190,7 @@ def export_to(model_dir: Path, fmt: str, dtype: str, out: Path) -> Path:
     if src and Path(src).resolve() == Path(model_dir).resolve():
         return art
     _log(f"exporting {model_dir} as {fmt} {dtype}")
-    export_artifact(str(model_dir), fmt, dtype, art)
+    export_artifact(str(model_dir), fmt, {"f32": "fp32", "f16": "fp16"}.get(dtype, dtype), art)  # GGUF's names
     return art
 
 
@@ -193,7 +212,8 @@ def artifact_ppl(art: Path, fmt: str, text, ev: dict, max_tokens: int | None) ->
 def dense_ppl(opts: FitOptions, text, ev: dict, max_tokens: int | None) -> float:
     """The dense model's PyTorch fp32 PPL on the same tokens (cached in the output directory)."""
     path = (opts.work or opts.out) / "dense_ppl.json"
-    key = {"model": opts.model, "text": text.sha256, "seq_len": ev.get("seq_len", 128), "max_tokens": max_tokens}
+    key = {"model": opts.model, "text": text.sha256, "seq_len": ev.get("seq_len", 128), "max_tokens": max_tokens,
+           **({"load": opts.load} if opts.load else {})}
     try:
         cached = json.loads(path.read_text())
         if cached["key"] == key:
@@ -204,7 +224,7 @@ def dense_ppl(opts: FitOptions, text, ev: dict, max_tokens: int | None) -> float
     from edgeprune.io import write_json
     from edgeprune.models import load
 
-    lm = load(opts.model)
+    lm = load(opts.model, **opts.load)
     ppl = perplexity(lm.model, lm.tokenizer, text, ev.get("seq_len", 128), max_tokens=max_tokens,
                      batch_size=ev.get("batch_size", 8), progress=False)["ppl"]
     write_json(path, {"key": key, "ppl": ppl})
@@ -217,7 +237,7 @@ def measured_values(doc: dict, prompt: int | None, ppl: float, ref_ppl: float) -
     ttft = latency.best_ttft_ms(doc)
     median_ttft = {r["prompt_tokens"]: r["ttft_ms"] for r in doc["prefill"]}
     return {"memory_mb": doc["memory"]["peak_rss_mb"], "memory_check_mb": doc["memory_check"]["estimate_mb"],
-            "size_mb": round(doc["artifact"]["size_bytes"] / 2**20, 1),
+            "size_mb": round(doc["artifact"]["size_bytes"] / 2**20, 3),
             "decode_tok_s": latency.best_decode_tok_s(doc), "decode_tok_s_median": doc["decode"]["tokens_per_s"],
             "ttft_ms": ttft.get(prompt) if prompt else None,
             "ttft_ms_median": median_ttft.get(prompt) if prompt else None,
@@ -284,7 +304,7 @@ def prepare(opts: FitOptions) -> dict:
     if opts.budget not in ("params", "latency"):
         raise EdgePruneError(f"--budget is 'params' or 'latency', not '{opts.budget}'")
     opts.targets.budget_mb = default_budget(prof, opts.host)  # else the profiler would refuse the artifact
-    pcfg, data, ev = recipe(opts.recipe)
+    pcfg, data, ev = recipe_of(opts)
     ckpt = resolve_checkpoint(opts.model)
     base = from_checkpoint(ckpt)
     settings = profile_settings(prof, {"threads": opts.threads})
@@ -300,7 +320,7 @@ def prepare(opts: FitOptions) -> dict:
         if models.get(dtypes[0]) is None:
             raise EdgePruneError("--budget latency needs the device's latency table")
         unit_cost = [list(x) for x in zip(*models[dtypes[0]].unit_ms(base), strict=True)]
-        pcfg, data, ev = recipe(opts.recipe, unit_cost)
+        pcfg, data, ev = recipe_of(opts, unit_cost)
     extra = sum((ckpt / n).stat().st_size for n in TOKENIZER_FILES if (ckpt / n).is_file())
     extra += 2048  # manifest.json
     scale = dict(opts.scale or {})
@@ -315,16 +335,32 @@ def prepare(opts: FitOptions) -> dict:
 
 def anchor(opts: FitOptions, ctx: dict) -> dict:
     """Profile the dense model in each dtype (each has its own table, measured at its own time) and return
-    measured / predicted decode speed and TTFT per dtype ("decode:q8_0", ...)."""
+    measured / predicted decode speed and TTFT per dtype ("decode:q8_0", ...). The profiles are kept in
+    ``ctx["anchor_docs"]`` (``anchor_points`` adds their PPL once the evaluation text is loaded)."""
     work = opts.work or opts.out
     out = {}
+    ctx["anchor_docs"] = []
     for dtype in ctx["dtypes"]:
         if ctx["models"].get(dtype) is None:
             continue
         art = export_to(ctx["ckpt"], ctx["fmt"], dtype, work / f"r00-{ctx['fmt']}-{dtype}")
         _log(f"profiling the dense {ctx['fmt']} {dtype} artifact on {opts.host or ctx['device']} (the anchor of "
              f"the speed predictions)")
-        out.update(anchor_factors(ctx["runner"](art), ctx, dtype, opts.targets))
+        doc = ctx["runner"](art)
+        ctx["anchor_docs"].append((dtype, art, doc))
+        out.update(anchor_factors(doc, ctx, dtype, opts.targets))
+    return out
+
+
+def anchor_points(opts: FitOptions, ctx: dict) -> list[dict]:
+    """The dense artifacts the anchor profiled, with their PPL in the runtime: measured configurations too
+    (the quality-vs-speed frontier's dense end)."""
+    out = []
+    for dtype, art, doc in ctx.get("anchor_docs", []):
+        _log(f"PPL of {art}")
+        ppl = artifact_ppl(art, ctx["fmt"], ctx["eval_text"], ctx["ev"], ctx["max_tokens"])
+        out.append({"ratio": 0.0, "format": ctx["fmt"], "dtype": dtype, "artifact": str(art),
+                    "measured": measured_values(doc, opts.targets.prompt_tokens, ppl, ctx["ref_ppl"])})
     return out
 
 
@@ -361,6 +397,7 @@ def fit(opts: FitOptions) -> dict:
     choice = search.choose(cands, opts.targets, prof.name)
     _log(f"chosen: {choice.label}; predicted {json.dumps(choice.predicted)}")
     evaluation(opts, ctx)
+    anchors = anchor_points(opts, ctx)
     attempts = [realise(opts, choice, ctx)]
     stepped = None
     if attempts[0]["missed"]:
@@ -384,7 +421,7 @@ def fit(opts: FitOptions) -> dict:
               "recipe": asdict(pcfg) | {"ratio": None}, "dense_ppl": ctx["ref_ppl"],
               "latency_models": {d: (asdict(m) if m else None) for d, m in models.items()},
               "candidates": [asdict(c) for c in cands], "choice": asdict(choice), "attempts": attempts,
-              "stepped": stepped, "met": not final["missed"], "final": final}
+              "stepped": stepped, "met": not final["missed"], "final": final, "anchors": anchors}
     from edgeprune.io import write_json
 
     opts.out.mkdir(parents=True, exist_ok=True)

@@ -97,7 +97,7 @@ class Context:
         return model if variant == "baseline" else str(stage_dir(self.run_dir, "prune") / "model")
 
 
-def _load_inputs(load: ModelLoad) -> dict:
+def load_inputs(load: ModelLoad) -> dict:
     # the default placement adds nothing, so keys of run directories written before it existed stay valid
     return {} if load.is_default else {"load": {"device": load.device, "dtype": load.dtype}}
 
@@ -125,7 +125,7 @@ class EvalStage(Stage):
         ev = self.ev
         return {**({"model": self.model_fp} if self.variant == "baseline" else {}), "seq_len": ev.seq_len,
                 "max_tokens": ev.max_tokens, "text": self.text.sha256, "tasks": ev.tasks, "limit": ev.limit,
-                "task_files": self.task_hashes, **_load_inputs(self.load)}
+                "task_files": self.task_hashes, **load_inputs(self.load)}
 
     def run(self, out: Path) -> EvalResult:
         from edgeprune.evaluate.ppl import perplexity
@@ -164,7 +164,7 @@ class PruneStage(Stage):
 
     def inputs(self) -> dict:
         return {"model": self.model_fp, "prune": section_dict(self.config), "calib": self.calib.sha256,
-                **_load_inputs(self.load)}
+                **load_inputs(self.load)}
 
     def run(self, out: Path) -> PruneResult:
         from edgeprune.checkpoint import save_checkpoint
