@@ -1,8 +1,10 @@
-"""`edgeprune fit` on this CPU with the default model (issue 17's benchmark). Writes bench/results/fit.json and
-bench/results/fit.md (the table below), and prints the table.
+"""`edgeprune fit` on this CPU with the default model (issue 17's benchmark). Writes bench/results/fit.json,
+bench/results/fit.md (the table below) and bench/results/fit.png (PPL vs decode speed of every artifact measured,
+with the Pareto frontier), and prints the table.
 
     python bench/fit.py                                   # the full recipe (two rounds, refit, 100 distillation steps)
     python bench/fit.py --set rounds=1 --set recover_steps=0   # a shorter recipe (say so when quoting it)
+    python bench/fit.py --replot                          # table and plot again from bench/results/fit.json
 
 In one run, back to back: the dense GGUF q8_0 artifact is profiled (its decode speed and peak RSS set the targets);
 then `fit` runs for decode >= 1.3x and >= 1.6x the dense speed (with LSPS spending a parameter budget and a
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -93,6 +96,25 @@ def _f(x) -> str:
     return "–" if x is None else f"{x:.1f}"
 
 
+def plot(res: dict) -> Path:
+    """bench/results/fit.png: measured PPL vs decode speed (fastest repeat) of every artifact of the run."""
+    from edgeprune.report_fit import frontier_png
+
+    points = []
+    for m in res["measured"]:
+        label, a = m["label"], m["measured"]
+        role = "dense" if label.startswith("dense") else "naive" if label.startswith("naive") else "chosen"
+        name = label if role == "dense" else f"{role if role == 'naive' else 'fit'} {m['ratio']:.2f} {m['dtype']}"
+        points.append({"label": name, "role": role, "decode_tok_s": a["decode_tok_s"], "ppl": a["ppl"]})
+    speeds = sorted({float(m.group(1)) for r in res["rows"] if (m := re.search(r"\(([\d.]+) tok/s\)", r["target"]))})
+    png = frontier_png(points, targets={"min_decode_tok_s": speeds}, dense_ppl=res["dense_ppl"],
+                       title=f"bench/fit.py: measured PPL vs decode speed, default model, GGUF, {res['threads']} "
+                             f"thread(s)\nrecipe: {res['recipe']}")
+    path = ROOT / "bench" / "results" / "fit.png"
+    path.write_bytes(png)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--speedups", default="1.3,1.6")
@@ -103,7 +125,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=None, help="PPL tokens (default: the recipe's 8192)")
     ap.add_argument("--work", default=str(ROOT / "out" / "bench-fit"))
     ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--replot", action="store_true", help="only rewrite the table and plot from fit.json")
     args = ap.parse_args()
+    if args.replot:
+        import json
+
+        res = json.loads((ROOT / "bench" / "results" / "fit.json").read_text())
+        res["table"] = fmt_table(res)
+        (ROOT / "bench" / "results" / "fit.md").write_text(res["table"])
+        print(res["table"], f"plot: {plot(res)}", sep="\n")
+        return
 
     from edgeprune.fit import run, search
     from edgeprune.fit.cli import recipe_overrides
@@ -188,7 +219,7 @@ def main() -> None:
     res["table"] = fmt_table(res)
     save("fit", res)
     (ROOT / "bench" / "results" / "fit.md").write_text(res["table"])
-    print(res["table"])
+    print(res["table"], f"plot: {plot(res)}", sep="\n")
 
 
 if __name__ == "__main__":

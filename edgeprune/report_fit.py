@@ -150,7 +150,8 @@ def frontier_png(points: list[dict], curves: dict | None = None, targets: dict |
                  "configurations") -> bytes | None:
     """PPL (lower is better) vs decode tok/s (higher is better) of measured configurations (``label``, ``role``,
     ``decode_tok_s``, ``ppl``), their Pareto frontier, fit's predicted curve per dtype (``curves``: dtype ->
-    [decode, PPL, ratio] rows) and the speed / quality targets. None when no point has both values."""
+    [decode, PPL, ratio] rows) and the speed / quality targets (``min_decode_tok_s``: one value or a list). None
+    when no point has both values."""
     pts = [p for p in points if num(p.get("decode_tok_s")) is not None and num(p.get("ppl")) is not None]
     if not pts:
         return None
@@ -178,9 +179,9 @@ def frontier_png(points: list[dict], curves: dict | None = None, targets: dict |
         seen.add(role)
         ax.annotate(p["label"], (p["decode_tok_s"], p["ppl"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
     t = targets or {}
-    if t.get("min_decode_tok_s"):
-        ax.axvline(t["min_decode_tok_s"], color="#d62728", linestyle="--", linewidth=1,
-                   label=f"target decode ≥ {t['min_decode_tok_s']:g} tok/s")
+    speeds = t.get("min_decode_tok_s") or []
+    for v in speeds if isinstance(speeds, list) else [speeds]:
+        ax.axvline(v, color="#d62728", linestyle="--", linewidth=1, label=f"target decode ≥ {v:g} tok/s")
     if t.get("max_ppl_ratio") and dense_ppl:
         ax.axhline(t["max_ppl_ratio"] * dense_ppl, color="#9467bd", linestyle="--", linewidth=1,
                    label=f"target PPL ≤ {t['max_ppl_ratio']:g} × dense")

@@ -25,14 +25,13 @@ from pathlib import Path
 from edgeprune.data import resolve_text
 from edgeprune.errors import EdgePruneError
 from edgeprune.fit import latency, search
+from edgeprune.fit.measure import artifact_ppl, dense_ppl, export_to, measured_values, prune_to, tag
+from edgeprune.fit.measure import log as _log
 from edgeprune.fit.memory import profile_settings
 from edgeprune.fit.shapes import ModelShape, from_checkpoint
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 SCHEMA = "edgeprune.fit/1"
-# round 1's scores and sensitivities of the dense model, shared by every prune of this process (they do not
-# depend on the ratio or the budget; prune_model keys them by everything they do depend on)
-_SCORES: dict = {}
 
 
 @dataclass
@@ -60,12 +59,6 @@ class FitOptions:
     data: dict | None = None  # {"calib": spec, "eval": spec}
     evaluate: dict | None = None  # seq_len, batch_size, max_tokens, threads
     load: dict = field(default_factory=dict)  # edgeprune.models.load's device / dtype
-
-
-def _log(msg: str) -> None:
-    import sys
-
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ---- recipe, texts --------------------------------------------------------------------------------------------
@@ -146,111 +139,12 @@ def default_budget(prof, host: str | None) -> float | None:
 
 
 # ---- realise one configuration ----------------------------------------------------------------------------------
-def _tag(ratio: float, budget: str = "params") -> str:
-    return f"r{round(100 * ratio):02d}" + ("-latency" if budget == "latency" else "")
-
-
-def prune_to(opts: FitOptions, ckpt: Path, ratio: float, pcfg_base, data: dict, out: Path) -> Path:
-    """The checkpoint pruned to ``ratio`` with the recipe (reused when ``out`` holds the same settings)."""
-    from dataclasses import replace
-
-    if ratio == 0:
-        return ckpt
-    pcfg = replace(pcfg_base, ratio=ratio)
-    model_dir = out / _tag(ratio, opts.budget) / "model"
-    want = asdict(pcfg)
-    try:
-        have = json.loads((model_dir / "manifest.json").read_text()).get("config")
-    except (OSError, ValueError):
-        have = None
-    if have == json.loads(json.dumps(want)):
-        _log(f"reusing {model_dir} (same recipe and ratio)")
-        return model_dir
-    from edgeprune.checkpoint import save_checkpoint
-    from edgeprune.models import load
-    from edgeprune.prune import prune_model
-
-    _log(f"pruning {opts.model} to ratio {ratio:.2f} ({pcfg.scorer} + {pcfg.allocator}, {pcfg.rounds} rounds, "
-         f"refit {pcfg.reconstruct}, {pcfg.recover_steps} distillation steps, {opts.budget} budget)")
-    lm = load(opts.model, **opts.load)
-    record = prune_model(lm, pcfg, resolve_text(data.get("calib", "builtin"), "calib"), progress=False,
-                         cache=_SCORES.setdefault(opts.model, {}))
-    save_checkpoint(lm, model_dir, {"source_model": opts.model, "source": lm.source, **record})
-    return model_dir
-
-
-def export_to(model_dir: Path, fmt: str, dtype: str, out: Path) -> Path:
-    from edgeprune.export.artifacts import export_artifact
-
-    art = out / "artifact"
-    try:
-        src = json.loads((art / "manifest.json").read_text()).get("source")
-    except (OSError, ValueError):
-        src = None
-    if src and Path(src).resolve() == Path(model_dir).resolve():
-        return art
-    _log(f"exporting {model_dir} as {fmt} {dtype}")
-    export_artifact(str(model_dir), fmt, {"f32": "fp32", "f16": "fp16"}.get(dtype, dtype), art)  # GGUF's names
-    return art
-
-
-def artifact_ppl(art: Path, fmt: str, text, ev: dict, max_tokens: int | None) -> float:
-    from tokenizers import Tokenizer
-
-    ids = Tokenizer.from_file(str(art / "tokenizer.json")).encode(text.text, add_special_tokens=False).ids
-    if fmt == "onnx":
-        from edgeprune.devices.ort_generate import OrtGenerator
-
-        return OrtGenerator(art, threads=ev.get("threads") or None).perplexity(
-            ids, ev.get("seq_len", 128), max_tokens=max_tokens, batch_size=ev.get("batch_size", 8))["ppl"]
-    from edgeprune.export.gguf import gguf_perplexity
-
-    return gguf_perplexity(art / "model.gguf", text, ev.get("seq_len", 128), max_tokens, token_ids=ids,
-                           n_threads=ev.get("threads") or None)["ppl"]
-
-
-def dense_ppl(opts: FitOptions, text, ev: dict, max_tokens: int | None) -> float:
-    """The dense model's PyTorch fp32 PPL on the same tokens (cached in the output directory)."""
-    path = (opts.work or opts.out) / "dense_ppl.json"
-    key = {"model": opts.model, "text": text.sha256, "seq_len": ev.get("seq_len", 128), "max_tokens": max_tokens,
-           **({"load": opts.load} if opts.load else {})}
-    try:
-        cached = json.loads(path.read_text())
-        if cached["key"] == key:
-            return cached["ppl"]
-    except (OSError, ValueError, KeyError):
-        pass
-    from edgeprune.evaluate.ppl import perplexity
-    from edgeprune.io import write_json
-    from edgeprune.models import load
-
-    lm = load(opts.model, **opts.load)
-    ppl = perplexity(lm.model, lm.tokenizer, text, ev.get("seq_len", 128), max_tokens=max_tokens,
-                     batch_size=ev.get("batch_size", 8), progress=False)["ppl"]
-    write_json(path, {"key": key, "ppl": ppl})
-    return ppl
-
-
-def measured_values(doc: dict, prompt: int | None, ppl: float, ref_ppl: float) -> dict:
-    """The measured value of every target. Speeds are the fastest repeat's, as in the latency table (medians
-    beside them)."""
-    ttft = latency.best_ttft_ms(doc)
-    median_ttft = {r["prompt_tokens"]: r["ttft_ms"] for r in doc["prefill"]}
-    return {"memory_mb": doc["memory"]["peak_rss_mb"], "memory_check_mb": doc["memory_check"]["estimate_mb"],
-            "size_mb": round(doc["artifact"]["size_bytes"] / 2**20, 3),
-            "decode_tok_s": latency.best_decode_tok_s(doc), "decode_tok_s_median": doc["decode"]["tokens_per_s"],
-            "ttft_ms": ttft.get(prompt) if prompt else None,
-            "ttft_ms_median": median_ttft.get(prompt) if prompt else None,
-            "ppl": round(ppl, 3), "ppl_ratio": round(ppl / ref_ppl, 4),
-            "load_avg": [doc["machine"].get("load_avg"), doc["machine"].get("load_avg_end")]}
-
-
 def realise(opts, cand: search.Candidate, ctx: dict) -> dict:
     """Prune, export, evaluate and profile one configuration; predicted (search and actual shapes) vs measured."""
     start = time.perf_counter()
     work = opts.work or opts.out
     model_dir = prune_to(opts, ctx["ckpt"], cand.ratio, ctx["pcfg"], ctx["data"], work)
-    art = export_to(model_dir, cand.fmt, cand.dtype, work / f"{_tag(cand.ratio, opts.budget)}-{cand.fmt}-{cand.dtype}")
+    art = export_to(model_dir, cand.fmt, cand.dtype, work / f"{tag(cand.ratio, opts.budget)}-{cand.fmt}-{cand.dtype}")
     shape = from_checkpoint(model_dir)
     shaped = search.predict(shape, 0.0, cand.fmt, cand.dtype, ctx["models"], ctx["settings"], opts.targets,
                             extra_bytes=ctx["extra_bytes"], scale=ctx.get("scale")).predicted
