@@ -59,14 +59,51 @@ def row_of(name: str, budget: str, result: dict | None, error: str | None, dense
             "load_avg": m["load_avg"], "artifact": a["artifact"]}
 
 
+def fill_partial(res: dict) -> dict:
+    """A run stopped before its end (fit.json is saved after every target): the prediction errors from its rows."""
+    if "memory_errors" in res:
+        return res
+    res["partial"] = True
+    rows = [r for r in res["rows"] if not r.get("error")]
+    d = res["dense"]
+    res["memory_errors"] = {"dense q8_0": round(d["predicted"]["memory_mb"] / d["peak_rss_mb"] - 1, 4)}
+    res["memory_errors"].update({f"{r['target']} {r['budget']} {r['ratio']:.2f} {r['dtype']}":
+                                 round(r["pred_memory"] / r["memory"] - 1, 4) for r in rows})
+    res["latency_errors"] = {}
+    for dtype in sorted({r["dtype"] for r in rows}):  # the fit's choices (the dense anchor's error is 0 by definition)
+        real = [abs(r["pred_decode"] / r["decode"] - 1) for r in rows if r["dtype"] == dtype and r["pred_decode"]]
+        res["latency_errors"][dtype] = {"table": "-", "held_out_mean": None, "held_out_max": None,
+                                        "real_mean": sum(real) / len(real)}
+    from edgeprune.fit import run  # the cached latency tables the run used: their held-out errors
+
+    ctx = run.prepare(run.FitOptions(model="default", device="cpu", fmt="gguf", threads=res["threads"],
+                                     out=ROOT / "out" / "bench-fit" / "replot", measure_tables=False))
+    for dtype, e in res["latency_errors"].items():
+        model = ctx["models"].get(dtype)
+        if model is not None:
+            h = model.errors["held_out"]["decode_tok_s"]
+            e.update(table=Path(model.source).name, held_out_mean=h["mean_abs"], held_out_max=h["max_abs"])
+    res["measured"] = [{"label": "dense q8_0", "ratio": 0.0, "dtype": "q8_0",
+                        "measured": {"decode_tok_s": d["decode_tok_s"], "ppl": d["ppl"]}}]
+    for r in rows:
+        res["measured"].append({"label": r["target"], "ratio": r["ratio"], "dtype": r["dtype"],
+                                "measured": {"decode_tok_s": r["decode"], "ppl": r["ppl"]}})
+        n = r.get("naive")
+        if n and not n.get("error"):
+            res["measured"].append({"label": f"naive {n['ratio']:.2f}", "ratio": n["ratio"], "dtype": "q8_0",
+                                    "measured": {"decode_tok_s": n["decode"], "ppl": n["ppl"]}})
+    return res
+
+
 def fmt_table(res: dict) -> str:
-    d0, d1 = res["dense"], res["dense_end"]
+    d0, d1 = res["dense"], res.get("dense_end")
+    drift = (f"{d1['decode_tok_s']} tok/s at the end ({100 * (d1['decode_tok_s'] / d0['decode_tok_s'] - 1):+.0f}% "
+             "drift)" if d1 else "not measured again (the run was stopped after the rows below)")
     lines = [f"Default model (SmolLM2-135M), GGUF, device profile `cpu`, {res['threads']} runtime thread(s); recipe: "
              f"{res['recipe']}. PPL on {res['eval_text']} (first {res['max_tokens']} tokens, seq 128); dense PyTorch "
              f"PPL {res['dense_ppl']:.2f}.",
              f"Dense q8_0: {d0['decode_tok_s']} tok/s and {d0['peak_rss_mb']} MiB peak RSS at the start, "
-             f"{d1['decode_tok_s']} tok/s at the end ({100 * (d1['decode_tok_s'] / d0['decode_tok_s'] - 1):+.0f}% "
-             f"drift); load average {res['load_start']} at the start, {res['load_end']} at the end on "
+             f"{drift}; load average {res['load_start']} at the start, {res.get('load_end', '–')} at the end on "
              f"{res['cores']} cores: the speed columns are noisy by about that much.", "",
              "| target | LSPS budget | chosen | decode tok/s predicted | measured (x dense) | peak RSS MiB predicted "
              "| measured | PPL (x dense) | met | naive: ratio, measured tok/s, PPL |",
@@ -86,9 +123,10 @@ def fmt_table(res: dict) -> str:
     lines += ["", "Memory prediction (from shapes and dtype, before export) vs measured peak RSS, every artifact of "
               "this run: " + ", ".join(f"{k} {v:+.1%}" for k, v in mem.items()) + "."]
     for dtype, e in res["latency_errors"].items():
-        lines.append(f"Latency model {dtype} (table {e['table']}): decode tok/s error on held-out shapes mean "
-                     f"{e['held_out_mean']:.1%}, max {e['held_out_max']:.1%}; on the real artifacts above, with the "
-                     f"dense anchor (x{res['anchor'].get('decode:' + dtype, 1):.3f}), mean {e['real_mean']:.1%}.")
+        held = ("" if e["held_out_mean"] is None else f" (table {e['table']}): decode tok/s error on held-out shapes "
+                f"mean {e['held_out_mean']:.1%}, max {e['held_out_max']:.1%};")
+        lines.append(f"Latency model {dtype}{held} on the real artifacts above, with the dense anchor "
+                     f"(x{res['anchor'].get('decode:' + dtype, 1):.3f}), mean decode error {e['real_mean']:.1%}.")
     return "\n".join(lines) + "\n"
 
 
@@ -130,7 +168,7 @@ def main() -> None:
     if args.replot:
         import json
 
-        res = json.loads((ROOT / "bench" / "results" / "fit.json").read_text())
+        res = fill_partial(json.loads((ROOT / "bench" / "results" / "fit.json").read_text()))
         res["table"] = fmt_table(res)
         (ROOT / "bench" / "results" / "fit.md").write_text(res["table"])
         print(res["table"], f"plot: {plot(res)}", sep="\n")
