@@ -137,3 +137,44 @@ def test_frontier_keeps_the_undominated_points():
            {"label": "c", "decode_tok_s": 55, "ppl": 30}, {"label": "d", "decode_tok_s": 70, "ppl": 40},
            {"label": "e", "decode_tok_s": 45, "ppl": 22}, {"label": "f", "decode_tok_s": None, "ppl": 1}]
     assert [p["label"] for p in frontier(pts)] == ["d", "b", "a"]
+
+
+def _fit_result():
+    """A fit stage result with an anchor, a measured miss and the step (distinctive numbers, no model)."""
+    def attempt(ratio, pred_tps, tps, ppl, missed):
+        return {"ratio": ratio, "format": "gguf", "dtype": "q8_0", "artifact": f"r{ratio}", "seconds": 1.0,
+                "predicted_from_shapes": {"memory_mb": 190.5, "size_mb": 100.25, "decode_tok_s": pred_tps,
+                                          "ppl_ratio": 1.5372},
+                "measured": {"memory_mb": 191.25, "size_mb": 100.5, "decode_tok_s": tps, "ppl": ppl,
+                             "ppl_ratio": ppl / 50.0}, "missed": missed}
+    cands = [{"ratio": r, "fmt": "gguf", "dtype": "q8_0",
+              "predicted": {"decode_tok_s": 40 + 100 * r, "ppl_ratio": 1 + r}} for r in (0.0, 0.35, 0.4)]
+    return {"device": "rpi5", "host": "pi@pi5", "format": "gguf", "dtypes": ["q8_0"], "budget": "params",
+            "targets": {"min_decode_tok_s": 77.5, "max_memory_mb": None, "budget_mb": 6144.0}, "dense_ppl": 50.0,
+            "met": True, "choice": {"ratio": 0.35, "fmt": "gguf", "dtype": "q8_0", "predicted": {}},
+            "attempts": [attempt(0.35, 78.125, 70.375, 123.4567, ["min_decode_tok_s"]),
+                         attempt(0.4, 80.5, 79.875, 150.9876, [])],
+            "stepped": {"why": ["min_decode_tok_s"], "corrections": {"decode:q8_0": 0.9008},
+                        "next": "ratio 0.40, gguf q8_0"},
+            "anchors": [{"ratio": 0.0, "format": "gguf", "dtype": "q8_0", "artifact": "r00",
+                         "measured": {"decode_tok_s": 41.625, "ppl": 50.75}}],
+            "candidates": cands, "scale": {"decode:q8_0": 1.1}}
+
+
+def test_report_fit_section_from_a_result():
+    from edgeprune.report_fit import collect_fit, plots, sections
+
+    fit = collect_fit(_fit_result())
+    assert [p["role"] for p in fit["points"]] == ["dense", "chosen", "stepped"]
+    assert sorted(fit["predicted_curves"]["q8_0"])[0] == [40.0, 50.0, 0.0]  # predicted PPL = ratio prior x dense
+    (_, _, _, info), (_, _, header, rows) = sections({"fit": fit})
+    text = "\n".join(" | ".join(r) for r in info + rows)
+    assert "rpi5 over SSH (pi@pi5)" in text and "decode ≥ 77.5 tok/s" in text
+    assert "chosen | ratio 0.35, gguf q8_0" in text
+    assert "yes: the first choice missed decode ≥ 77.5 tok/s; predictions corrected (decode:q8_0 ×0.901), " \
+           "stepped to ratio 0.40, gguf q8_0" in text
+    assert "ratio 0.35, gguf q8_0 | decode (tok/s) | decode ≥ 77.5 tok/s | 78.12 | 70.38 | -9.9% | MISSED" in text
+    assert "ratio 0.40, gguf q8_0 | decode (tok/s) | decode ≥ 77.5 tok/s | 80.5 | 79.88 | -0.8% | met" in text
+    assert "ratio 0.40, gguf q8_0 | PPL (runtime) | – | – | 151 |" in text and "191.2" in text
+    assert plots({"fit": fit})["frontier"][:4] == b"\x89PNG"
+    assert sections({"fit": None}) == [] and plots({}) == {} and collect_fit(None) is None
