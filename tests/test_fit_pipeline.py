@@ -58,9 +58,9 @@ def tiny(tmp_path_factory):
     return root
 
 
-def _config(root, size, name="tiny.toml"):
+def _config(root, size, name="tiny.toml", out="run"):
     path = root / name
-    path.write_text(TOML.format(model=root / "tiny", out=root / "run", size=size))
+    path.write_text(TOML.format(model=root / "tiny", out=root / out, size=size))
     return path
 
 
@@ -106,6 +106,14 @@ def test_rerun_and_changed_target(first, tiny):
     md = (first.run_dir / "report" / "report.md").read_text()
     # the report (computed after cached stages) has the pruned model's rows and the new target
     assert "artifact size ≤ 0.69 MiB" in md and f"| pruned {other.results['fit']['final']['ratio']:.0%} | GGUF fp32 |" in md
+
+
+def test_unreachable_target_is_one_line_naming_the_config_key(tiny):
+    with pytest.raises(EdgePruneError) as e:
+        run_pipeline(load_config(_config(tiny, 0.01, "small.toml", out="small")), progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("stage fit failed: fit.max_size_mb 0.01 is out of reach on device 'cpu'")
+    assert not (tiny / "small" / "fit-work" / "r05").exists()  # nothing was pruned
 
 
 @pytest.mark.parametrize("item, needle", [

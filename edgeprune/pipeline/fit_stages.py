@@ -21,17 +21,16 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from edgeprune.config import ModelLoad, PruneConfig
+from edgeprune.config import DataSpec, ModelLoad, PruneConfig
 from edgeprune.data import Text
 from edgeprune.errors import EdgePruneError
 from edgeprune.io import MANIFEST
-from edgeprune.pipeline.config import DataSpec, EvaluateSection, FitSection, ProfileSection, section_dict
+from edgeprune.pipeline.config import FIT_TARGETS, EvaluateSection, FitSection, ProfileSection, section_dict
 from edgeprune.pipeline.engine import Stage
 from edgeprune.pipeline.stages import Context, PruneResult, PruneStage, load_inputs
-from edgeprune.rundir import read_stage, stage_dir
+from edgeprune.rundir import FIT_WORK, read_stage, stage_dir
 
 FIT = "fit"
-FIT_WORK = "fit-work"  # RUN_DIR/fit-work: every configuration fit pruned or exported, reused across reruns
 # what prune_model returns (the checkpoint's manifest holds it beside its own fields)
 RECORD_KEYS = ("config", "calibration", "plan", "layer_shapes", "rounds", "recovery", "params_before",
                "params_after", "decoder_reduction", "total_reduction", "seconds", "peak_rss_mib")
@@ -115,8 +114,15 @@ class FitStage(Stage):
     def run(self, out: Path) -> dict:
         from edgeprune.fit.cli import summary
         from edgeprune.fit.run import fit
+        from edgeprune.fit.search import Unreachable
 
-        result = fit(self.options(out))
+        try:
+            result = fit(self.options(out))
+        except Unreachable as e:  # the message names the command's flags: name the config keys instead
+            msg = str(e)
+            for name in (*FIT_TARGETS, "prompt_tokens"):
+                msg = msg.replace(f"--{name.replace('_', '-')}", f"fit.{name}")
+            raise EdgePruneError(msg) from None
         for line in summary(result):
             self.ctx.console.print(f"  {line}", highlight=False, soft_wrap=True)
         if not result["met"]:
