@@ -220,6 +220,8 @@ def main() -> None:
             measured += [(f"{name} {budget} {a['ratio']:.2f} {a['dtype']}", a) for a in result["attempts"]]
         except EdgePruneError as e:
             row = row_of(name, budget, None, str(e), res["dense"])
+        res["rows"].append(row)
+        save("fit", res)  # before the naive prune: a run stopped early keeps every finished target
         if speedup and not args.no_naive:
             if speedup not in naive_done:
                 r = naive_ratio(ctx["base"], speedup, ctx["pcfg"].round_to)
@@ -235,8 +237,7 @@ def main() -> None:
                 except EdgePruneError as e:  # e.g. an export whose parity check fails
                     naive_done[speedup] = {"ratio": r, "error": str(e)}
             row["naive"] = naive_done[speedup]
-        res["rows"].append(row)
-        save("fit", res)
+            save("fit", res)
     end = run.realise(base_opts, dense_cand, ctx)
     res["dense_end"] = {"decode_tok_s": end["measured"]["decode_tok_s"], "peak_rss_mb": end["measured"]["memory_mb"]}
     res["load_end"] = load_avg()
