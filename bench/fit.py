@@ -123,11 +123,24 @@ def fmt_table(res: dict) -> str:
     lines += ["", "Memory prediction (from shapes and dtype, before export) vs measured peak RSS, every artifact of "
               "this run: " + ", ".join(f"{k} {v:+.1%}" for k, v in mem.items()) + "."]
     for dtype, e in res["latency_errors"].items():
-        held = ("" if e["held_out_mean"] is None else f" (table {e['table']}): decode tok/s error on held-out shapes "
-                f"mean {e['held_out_mean']:.1%}, max {e['held_out_max']:.1%};")
+        held = ("" if e["held_out_mean"] is None else f" (table {e['table']}{_table_when(e['table'])}): decode tok/s "
+                f"error on held-out shapes mean {e['held_out_mean']:.1%}, max {e['held_out_max']:.1%};")
         lines.append(f"Latency model {dtype}{held} on the real artifacts above, with the dense anchor "
                      f"(x{res['anchor'].get('decode:' + dtype, 1):.3f}), mean decode error {e['real_mean']:.1%}.")
     return "\n".join(lines) + "\n"
+
+
+def _table_when(name: str) -> str:
+    """When and at which load the cached latency table was measured (tables are measured once per machine)."""
+    import json
+
+    from edgeprune.fit.latency import cache_root
+
+    try:
+        t = json.loads((cache_root() / name).read_text())
+        return f", measured {t['created']} at load {t['machine']['load_avg'][0]}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _f(x) -> str:
