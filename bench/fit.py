@@ -82,7 +82,8 @@ def fill_partial(res: dict) -> dict:
         model = ctx["models"].get(dtype)
         if model is not None:
             h = model.errors["held_out"]["decode_tok_s"]
-            e.update(table=Path(model.source).name, held_out_mean=h["mean_abs"], held_out_max=h["max_abs"])
+            e.update(table=Path(model.source).name, held_out_mean=h["mean_abs"], held_out_max=h["max_abs"],
+                     **table_when(model.source))
     res["measured"] = [{"label": "dense q8_0", "ratio": 0.0, "dtype": "q8_0",
                         "measured": {"decode_tok_s": d["decode_tok_s"], "ppl": d["ppl"]}}]
     for r in rows:
@@ -123,24 +124,27 @@ def fmt_table(res: dict) -> str:
     lines += ["", "Memory prediction (from shapes and dtype, before export) vs measured peak RSS, every artifact of "
               "this run: " + ", ".join(f"{k} {v:+.1%}" for k, v in mem.items()) + "."]
     for dtype, e in res["latency_errors"].items():
-        held = ("" if e["held_out_mean"] is None else f" (table {e['table']}{_table_when(e['table'])}): decode tok/s "
+        held = ("" if e["held_out_mean"] is None else f" (table {e['table']}{_when(e)}): decode tok/s "
                 f"error on held-out shapes mean {e['held_out_mean']:.1%}, max {e['held_out_max']:.1%};")
         lines.append(f"Latency model {dtype}{held} on the real artifacts above, with the dense anchor "
                      f"(x{res['anchor'].get('decode:' + dtype, 1):.3f}), mean decode error {e['real_mean']:.1%}.")
     return "\n".join(lines) + "\n"
 
 
-def _table_when(name: str) -> str:
-    """When and at which load the cached latency table was measured (tables are measured once per machine)."""
+def table_when(source: str) -> dict:
+    """When and at which load a latency table file was measured (read while the run uses it: a later measurement
+    on the same machine replaces the cached file)."""
     import json
 
-    from edgeprune.fit.latency import cache_root
-
     try:
-        t = json.loads((cache_root() / name).read_text())
-        return f", measured {t['created']} at load {t['machine']['load_avg'][0]}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
+        t = json.loads(Path(source).read_text())
+        return {"created": t["created"], "load": t["machine"]["load_avg"][0]}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return {}
+
+
+def _when(e: dict) -> str:
+    return f", measured {e['created']} at load {e['load']}" if e.get("created") else ""
 
 
 def _f(x) -> str:
@@ -265,7 +269,8 @@ def main() -> None:
         e = model.errors["held_out"]["decode_tok_s"]
         res["latency_errors"][dtype] = {"table": Path(model.source).name, "held_out_mean": e["mean_abs"],
                                         "held_out_max": e["max_abs"],
-                                        "real_mean": sum(real) / len(real) if real else float("nan")}
+                                        "real_mean": sum(real) / len(real) if real else float("nan"),
+                                        **table_when(model.source)}
     res["measured"] = [{"label": label, **{k: a[k] for k in ("ratio", "dtype", "predicted_from_shapes", "measured")}}
                        for label, a in measured]
     res["table"] = fmt_table(res)
