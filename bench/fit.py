@@ -1,8 +1,10 @@
-"""`edgeprune fit` on this CPU with the default model (issue 17's benchmark). Writes bench/results/fit.json and
-bench/results/fit.md (the table below), and prints the table.
+"""`edgeprune fit` on this CPU with the default model (issue 17's benchmark). Writes bench/results/fit.json,
+bench/results/fit.md (the table below) and bench/results/fit.png (PPL vs decode speed of every artifact measured,
+with the Pareto frontier), and prints the table.
 
     python bench/fit.py                                   # the full recipe (two rounds, refit, 100 distillation steps)
     python bench/fit.py --set rounds=1 --set recover_steps=0   # a shorter recipe (say so when quoting it)
+    python bench/fit.py --replot                          # table and plot again from bench/results/fit.json
 
 In one run, back to back: the dense GGUF q8_0 artifact is profiled (its decode speed and peak RSS set the targets);
 then `fit` runs for decode >= 1.3x and >= 1.6x the dense speed (with LSPS spending a parameter budget and a
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,14 +59,52 @@ def row_of(name: str, budget: str, result: dict | None, error: str | None, dense
             "load_avg": m["load_avg"], "artifact": a["artifact"]}
 
 
+def fill_partial(res: dict) -> dict:
+    """A run stopped before its end (fit.json is saved after every target): the prediction errors from its rows."""
+    if "memory_errors" in res:
+        return res
+    res["partial"] = True
+    rows = [r for r in res["rows"] if not r.get("error")]
+    d = res["dense"]
+    res["memory_errors"] = {"dense q8_0": round(d["predicted"]["memory_mb"] / d["peak_rss_mb"] - 1, 4)}
+    res["memory_errors"].update({f"{r['target']} {r['budget']} {r['ratio']:.2f} {r['dtype']}":
+                                 round(r["pred_memory"] / r["memory"] - 1, 4) for r in rows})
+    res["latency_errors"] = {}
+    for dtype in sorted({r["dtype"] for r in rows}):  # the fit's choices (the dense anchor's error is 0 by definition)
+        real = [abs(r["pred_decode"] / r["decode"] - 1) for r in rows if r["dtype"] == dtype and r["pred_decode"]]
+        res["latency_errors"][dtype] = {"table": "-", "held_out_mean": None, "held_out_max": None,
+                                        "real_mean": sum(real) / len(real)}
+    from edgeprune.fit import run  # the cached latency tables the run used: their held-out errors
+
+    ctx = run.prepare(run.FitOptions(model="default", device="cpu", fmt="gguf", threads=res["threads"],
+                                     out=ROOT / "out" / "bench-fit" / "replot", measure_tables=False))
+    for dtype, e in res["latency_errors"].items():
+        model = ctx["models"].get(dtype)
+        if model is not None:
+            h = model.errors["held_out"]["decode_tok_s"]
+            e.update(table=Path(model.source).name, held_out_mean=h["mean_abs"], held_out_max=h["max_abs"],
+                     **table_when(model.source))
+    res["measured"] = [{"label": "dense q8_0", "ratio": 0.0, "dtype": "q8_0",
+                        "measured": {"decode_tok_s": d["decode_tok_s"], "ppl": d["ppl"]}}]
+    for r in rows:
+        res["measured"].append({"label": r["target"], "ratio": r["ratio"], "dtype": r["dtype"],
+                                "measured": {"decode_tok_s": r["decode"], "ppl": r["ppl"]}})
+        n = r.get("naive")
+        if n and not n.get("error"):
+            res["measured"].append({"label": f"naive {n['ratio']:.2f}", "ratio": n["ratio"], "dtype": "q8_0",
+                                    "measured": {"decode_tok_s": n["decode"], "ppl": n["ppl"]}})
+    return res
+
+
 def fmt_table(res: dict) -> str:
-    d0, d1 = res["dense"], res["dense_end"]
+    d0, d1 = res["dense"], res.get("dense_end")
+    drift = (f"{d1['decode_tok_s']} tok/s at the end ({100 * (d1['decode_tok_s'] / d0['decode_tok_s'] - 1):+.0f}% "
+             "drift)" if d1 else "not measured again (the run was stopped after the rows below)")
     lines = [f"Default model (SmolLM2-135M), GGUF, device profile `cpu`, {res['threads']} runtime thread(s); recipe: "
              f"{res['recipe']}. PPL on {res['eval_text']} (first {res['max_tokens']} tokens, seq 128); dense PyTorch "
              f"PPL {res['dense_ppl']:.2f}.",
              f"Dense q8_0: {d0['decode_tok_s']} tok/s and {d0['peak_rss_mb']} MiB peak RSS at the start, "
-             f"{d1['decode_tok_s']} tok/s at the end ({100 * (d1['decode_tok_s'] / d0['decode_tok_s'] - 1):+.0f}% "
-             f"drift); load average {res['load_start']} at the start, {res['load_end']} at the end on "
+             f"{drift}; load average {res['load_start']} at the start, {res.get('load_end', '–')} at the end on "
              f"{res['cores']} cores: the speed columns are noisy by about that much.", "",
              "| target | LSPS budget | chosen | decode tok/s predicted | measured (x dense) | peak RSS MiB predicted "
              "| measured | PPL (x dense) | met | naive: ratio, measured tok/s, PPL |",
@@ -83,14 +124,50 @@ def fmt_table(res: dict) -> str:
     lines += ["", "Memory prediction (from shapes and dtype, before export) vs measured peak RSS, every artifact of "
               "this run: " + ", ".join(f"{k} {v:+.1%}" for k, v in mem.items()) + "."]
     for dtype, e in res["latency_errors"].items():
-        lines.append(f"Latency model {dtype} (table {e['table']}): decode tok/s error on held-out shapes mean "
-                     f"{e['held_out_mean']:.1%}, max {e['held_out_max']:.1%}; on the real artifacts above, with the "
-                     f"dense anchor (x{res['anchor'].get('decode:' + dtype, 1):.3f}), mean {e['real_mean']:.1%}.")
+        held = ("" if e["held_out_mean"] is None else f" (table {e['table']}{_when(e)}): decode tok/s "
+                f"error on held-out shapes mean {e['held_out_mean']:.1%}, max {e['held_out_max']:.1%};")
+        lines.append(f"Latency model {dtype}{held} on the real artifacts above, with the dense anchor "
+                     f"(x{res['anchor'].get('decode:' + dtype, 1):.3f}), mean decode error {e['real_mean']:.1%}.")
     return "\n".join(lines) + "\n"
+
+
+def table_when(source: str) -> dict:
+    """When and at which load a latency table file was measured (read while the run uses it: a later measurement
+    on the same machine replaces the cached file)."""
+    import json
+
+    try:
+        t = json.loads(Path(source).read_text())
+        return {"created": t["created"], "load": t["machine"]["load_avg"][0]}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return {}
+
+
+def _when(e: dict) -> str:
+    return f", measured {e['created']} at load {e['load']}" if e.get("created") else ""
 
 
 def _f(x) -> str:
     return "–" if x is None else f"{x:.1f}"
+
+
+def plot(res: dict) -> Path:
+    """bench/results/fit.png: measured PPL vs decode speed (fastest repeat) of every artifact of the run."""
+    from edgeprune.report_fit import frontier_png
+
+    points = []
+    for m in res["measured"]:
+        label, a = m["label"], m["measured"]
+        role = "dense" if label.startswith("dense") else "naive" if label.startswith("naive") else "chosen"
+        name = label if role == "dense" else f"{role if role == 'naive' else 'fit'} {m['ratio']:.2f} {m['dtype']}"
+        points.append({"label": name, "role": role, "decode_tok_s": a["decode_tok_s"], "ppl": a["ppl"]})
+    speeds = sorted({float(m.group(1)) for r in res["rows"] if (m := re.search(r"\(([\d.]+) tok/s\)", r["target"]))})
+    png = frontier_png(points, targets={"min_decode_tok_s": speeds}, dense_ppl=res["dense_ppl"],
+                       title=f"bench/fit.py: measured PPL vs decode speed, default model, GGUF, {res['threads']} "
+                             f"thread(s)\nrecipe: {res['recipe']}")
+    path = ROOT / "bench" / "results" / "fit.png"
+    path.write_bytes(png)
+    return path
 
 
 def main() -> None:
@@ -103,7 +180,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=None, help="PPL tokens (default: the recipe's 8192)")
     ap.add_argument("--work", default=str(ROOT / "out" / "bench-fit"))
     ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--replot", action="store_true", help="only rewrite the table and plot from fit.json")
     args = ap.parse_args()
+    if args.replot:
+        import json
+
+        res = fill_partial(json.loads((ROOT / "bench" / "results" / "fit.json").read_text()))
+        res["table"] = fmt_table(res)
+        (ROOT / "bench" / "results" / "fit.md").write_text(res["table"])
+        print(res["table"], f"plot: {plot(res)}", sep="\n")
+        return
 
     from edgeprune.fit import run, search
     from edgeprune.fit.cli import recipe_overrides
@@ -151,6 +237,8 @@ def main() -> None:
             measured += [(f"{name} {budget} {a['ratio']:.2f} {a['dtype']}", a) for a in result["attempts"]]
         except EdgePruneError as e:
             row = row_of(name, budget, None, str(e), res["dense"])
+        res["rows"].append(row)
+        save("fit", res)  # before the naive prune: a run stopped early keeps every finished target
         if speedup and not args.no_naive:
             if speedup not in naive_done:
                 r = naive_ratio(ctx["base"], speedup, ctx["pcfg"].round_to)
@@ -166,8 +254,7 @@ def main() -> None:
                 except EdgePruneError as e:  # e.g. an export whose parity check fails
                     naive_done[speedup] = {"ratio": r, "error": str(e)}
             row["naive"] = naive_done[speedup]
-        res["rows"].append(row)
-        save("fit", res)
+            save("fit", res)
     end = run.realise(base_opts, dense_cand, ctx)
     res["dense_end"] = {"decode_tok_s": end["measured"]["decode_tok_s"], "peak_rss_mb": end["measured"]["memory_mb"]}
     res["load_end"] = load_avg()
@@ -182,13 +269,14 @@ def main() -> None:
         e = model.errors["held_out"]["decode_tok_s"]
         res["latency_errors"][dtype] = {"table": Path(model.source).name, "held_out_mean": e["mean_abs"],
                                         "held_out_max": e["max_abs"],
-                                        "real_mean": sum(real) / len(real) if real else float("nan")}
+                                        "real_mean": sum(real) / len(real) if real else float("nan"),
+                                        **table_when(model.source)}
     res["measured"] = [{"label": label, **{k: a[k] for k in ("ratio", "dtype", "predicted_from_shapes", "measured")}}
                        for label, a in measured]
     res["table"] = fmt_table(res)
     save("fit", res)
     (ROOT / "bench" / "results" / "fit.md").write_text(res["table"])
-    print(res["table"])
+    print(res["table"], f"plot: {plot(res)}", sep="\n")
 
 
 if __name__ == "__main__":

@@ -244,7 +244,8 @@ def report_cmd(
     = None,
 ) -> None:
     """Rewrite RUN_DIR/report (JSON, Markdown, self-contained HTML) from the run directory's stage results."""
-    from edgeprune.report import collect, regenerate, update_readme
+    from edgeprune.report import collect, regenerate
+    from edgeprune.report_readme import update_readme
 
     paths = regenerate(run_dir)
     if readme is not None:

@@ -1,27 +1,27 @@
 """`edgeprune report RUN_DIR`: what a pipeline run measured, next to the unpruned model, as JSON, Markdown and one
 self-contained HTML page (plots embedded as base64 PNG). Every number is read from the run directory's stage
 files (``stages/*/stage.json``, ``inputs/ablation.json``); none is typed in.
+
+Here: collecting the numbers, the tables, Markdown and HTML. The plots are edgeprune/report_plots.py, a run's
+Fit section edgeprune/report_fit.py, the README results block edgeprune/report_readme.py.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 from edgeprune.errors import EdgePruneError
 from edgeprune.io import MANIFEST, write_json
+from edgeprune.report_fit import collect_fit
+from edgeprune.report_fit import notes as fit_notes
+from edgeprune.report_fit import sections as fit_sections
 from edgeprune.rundir import ABLATION, REPORT, RUN_KIND, STAGE_FILE, VARIANTS, StageId, read_stages, stage_dir
-
-README_START = "<!-- run-table:start -->"
-README_END = "<!-- run-table:end -->"
-
 
 # ------------------------------------------------------------------------------------------------- collect
 
@@ -132,6 +132,7 @@ def collect(run_dir: str | Path) -> dict:
     artifacts.sort(key=lambda a: (a["format"], a["dtype"], order[a["variant"]]))
     data["artifacts"] = artifacts
     data["comparison"] = _comparison(models, artifacts)
+    data["fit"] = collect_fit(res.get("fit"))
     abl = run_dir / ABLATION
     data["ablation"] = json.loads(abl.read_text()) if abl.is_file() else None
     return data
@@ -185,7 +186,7 @@ def _fmt_metric(metric: str, x: Any) -> str:
     return _f(x, 2)
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return out + [""]
@@ -209,7 +210,8 @@ def method_summary(p: dict) -> str:
 
 def _title(data: dict) -> str:
     p = data.get("prune", {}).get("config") or {}
-    return f"edgeprune run: {data.get('model')} pruned with {method_summary(p)}, ratio {p.get('ratio', 0):g}"
+    chosen = " (chosen by fit)" if data.get("fit") else ""
+    return f"edgeprune run: {data.get('model')} pruned with {method_summary(p)}, ratio {p.get('ratio', 0):g}{chosen}"
 
 
 def summary_rows(data: dict) -> tuple[list[str], list[list[str]]]:
@@ -262,6 +264,7 @@ def _sections(data: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
     out = []
     h, r = summary_rows(data)
     out.append(("summary", "Results vs the unpruned model", h, r))
+    out += fit_sections(data)
     out.append(("comparison", "Every metric, unpruned vs pruned", ["stage", "metric", "unpruned", "pruned", "change"],
                 [[c["stage"], c["metric"], _fmt_metric(c["metric"], c["baseline"]),
                   _fmt_metric(c["metric"], c["pruned"]), _pct(c["change"])] for c in data.get("comparison", [])]))
@@ -317,6 +320,7 @@ def _notes(data: dict) -> list[str]:
         notes.append(f"Latency and memory: device profile '{data['device']}'; TTFT = prompt submitted to first "
                      "token, decode tok/s = steady-state generation, peak RSS of the profiling process.")
     notes += _measured_on_notes(data.get("artifacts", []))
+    notes += fit_notes(data)
     v = data.get("versions") or {}
     if v:
         notes.append("Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + ".")
@@ -342,13 +346,14 @@ def render_markdown(data: dict, plots: dict[str, str] | None = None) -> str:
     lines = [f"# {_title(data)}", "", f"Run directory: `{data['run_dir']}`; generated {data['generated']}.", ""]
     lines += [f"* {n}" for n in _notes(data)] + [""]
     for sid, title, header, rows in _sections(data):
-        lines += [f"## {title}", ""] + _md_table(header, rows)
+        lines += [f"## {title}", ""] + md_table(header, rows)
         if plots and sid in PLOT_AFTER and PLOT_AFTER[sid] in plots:
             lines += [f"![{PLOT_AFTER[sid]}]({plots[PLOT_AFTER[sid]]})", ""]
     return "\n".join(lines)
 
 
-PLOT_AFTER = {"summary": "speed", "comparison": "quality", "params": "size", "layers": "layers"}
+PLOT_AFTER = {"summary": "speed", "fit-measured": "frontier", "comparison": "quality", "params": "size",
+              "layers": "layers"}
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
 color:#222;padding:0 1em}table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:14px}
@@ -377,126 +382,6 @@ def render_html(data: dict, plots_b64: dict[str, str]) -> str:
     return "\n".join(parts)
 
 
-# -------------------------------------------------------------------------------------------------- plots
-
-
-def _bars(ax, labels: list[str], series: dict[str, list[float | None]], ylabel: str, title: str) -> None:
-    import numpy as np
-
-    x = np.arange(len(labels))
-    width = 0.8 / max(1, len(series))
-    colors = {"unpruned": "#7f7f7f", "pruned": "#1f77b4"}
-    for i, (name, values) in enumerate(series.items()):
-        vals = [v if v is not None else 0.0 for v in values]
-        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=name, color=colors.get(name))
-        for b, v in zip(bars, values, strict=True):
-            if v is not None:
-                ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
-                            va="bottom", fontsize=7)
-    ax.set_xticks(x, labels, fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-
-
-def make_plots(data: dict) -> dict[str, bytes]:
-    """PNG bytes per plot name: layers, size, quality, speed (those with data)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    out: dict[str, bytes] = {}
-
-    def save(fig, name):
-        buf = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
-        out[name] = buf.getvalue()
-
-    layers = (data.get("prune") or {}).get("layers") or []
-    if layers:
-        idx = [lay["index"] for lay in layers]
-        fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-        w = 0.4
-        a1.bar([i - w / 2 for i in idx], [100 * lay.get("removed_attention", 0) for lay in layers], w,
-               label="attention", color="#ff7f0e")
-        a1.bar([i + w / 2 for i in idx], [100 * lay.get("removed_mlp", 0) for lay in layers], w, label="MLP",
-               color="#1f77b4")
-        a1.set_ylabel("parameters removed (%)")
-        a1.set_title("Allocated pruning per layer", fontsize=10)
-        a1.legend(fontsize=8)
-        a1.grid(True, axis="y", alpha=0.3)
-        plotted = False
-        keys = [("sensitivity", "-"), ("block_influence", "--")]
-        if all(lay.get("sensitivity") == {k: (lay.get("block_influence") or {}).get(k) for k in ("attention", "mlp")}
-               for lay in layers):
-            keys = keys[:1]  # sensitivity 'bi' is the Block Influence: one set of lines
-        for key, style in keys:
-            for part, color in (("attention", "#ff7f0e"), ("mlp", "#1f77b4")):
-                ys = [(lay.get(key) or {}).get(part) for lay in layers]
-                if any(y is not None for y in ys):
-                    a2.plot(idx, [float("nan") if y is None else y for y in ys], style, marker="o", markersize=3,
-                            color=color, label=f"{key.replace('_', ' ')} {part}")
-                    plotted = True
-        a2.set_xlabel("decoder layer")
-        a2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        a2.set_ylabel("sensitivity")
-        a2.set_title("Layer sensitivity (LSPS input) and Block Influence", fontsize=10)
-        if plotted:
-            a2.legend(fontsize=8)
-        a2.grid(True, alpha=0.3)
-        save(fig, "layers")
-
-    m = data.get("models", {})
-    arts = data.get("artifacts", [])
-    pairs: dict[str, dict] = {}
-    for a in arts:
-        pairs.setdefault(f"{a['format']} {a['dtype']}", {})[a["variant"]] = a
-
-    def series(key: str, scale: float = 1.0) -> dict[str, list]:
-        return {name: [(_num(p.get(v, {}).get(key)) or 0) * scale if _num(p.get(v, {}).get(key)) is not None
-                       else None for p in pairs.values()] for v, name in (("baseline", "unpruned"),
-                                                                         ("pruned", "pruned"))}
-
-    if m or pairs:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-        _bars(a1, ["PyTorch fp32"], {name: [m[v]["params"] / 1e6 if v in m else None]
-                                     for v, name in (("baseline", "unpruned"), ("pruned", "pruned"))},
-              "parameters (M)", "Parameters")
-        if pairs:
-            _bars(a2, list(pairs), series("size_bytes", 1 / 2**20), "MiB", "Artifact size")
-        else:
-            a2.axis("off")
-        save(fig, "size")
-
-    labels, ppl = [], {"unpruned": [], "pruned": []}
-    if m:
-        labels.append("PyTorch fp32")
-        ppl["unpruned"].append(m.get("baseline", {}).get("ppl"))
-        ppl["pruned"].append(m.get("pruned", {}).get("ppl"))
-    for label, p in pairs.items():
-        if any(_num(a.get("ppl")) is not None for a in p.values()):
-            labels.append(label)
-            ppl["unpruned"].append(_num(p.get("baseline", {}).get("ppl")))
-            ppl["pruned"].append(_num(p.get("pruned", {}).get("ppl")))
-    if labels:
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        _bars(ax, labels, ppl, "perplexity (lower is better)", "Perplexity per stage")
-        save(fig, "quality")
-
-    if any(_num(a.get("ttft_ms")) is not None for a in arts):
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-        _bars(axes[0], list(pairs), series("ttft_ms"), "ms", "Time to first token (lower is better)")
-        _bars(axes[1], list(pairs), series("decode_tokens_per_s"), "tokens/s", "Decode speed (higher is better)")
-        _bars(axes[2], list(pairs), series("peak_rss_mib"), "MiB", "Peak RSS (lower is better)")
-        save(fig, "speed")
-    return out
-
-
 # --------------------------------------------------------------------------------------------------- write
 
 
@@ -504,6 +389,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     """Write report.json, report.md (+ plots/*.png) and report.html into ``out_dir`` (default RUN_DIR/report)."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else stage_dir(run_dir, REPORT)
+    from edgeprune.report_plots import make_plots
+
     data = collect(run_dir)
     pngs = make_plots(data)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -534,32 +421,3 @@ def regenerate(run_dir: str | Path) -> dict[str, Path]:
             shutil.copy2(dest / STAGE_FILE, tmp / STAGE_FILE)
     return {k: dest / p.name for k, p in {"json": tmp / "report.json", "markdown": tmp / "report.md",
                                           "html": tmp / "report.html"}.items()}
-
-
-def readme_table(data: dict) -> str:
-    header, rows = summary_rows(data)
-    m = data.get("models", {}).get("baseline") or {}
-    p = (data.get("prune") or {}).get("config") or {}
-    lines = [f"Model `{data.get('model')}`, {method_summary(p)}, ratio {p.get('ratio', 0):g}; device profile "
-             f"`{data.get('device')}`" + (f"; PPL on {m['ppl_text']}, seq {m['ppl_seq_len']}, first "
-                                          f"{m['ppl_tokens']:,} tokens" if m else "") + ". Changes are relative "
-             "to the unpruned model in the same runtime and dtype.", ""]
-    lines += _md_table(header, rows)
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def update_readme(readme: str | Path, data: dict) -> None:
-    """Replace the block between the run-table markers of ``readme`` with this run's results table."""
-    path = Path(readme)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise EdgePruneError(f"cannot read {path}: {e.strerror}") from None
-    # the markers on lines of their own (prose may mention them)
-    m = re.search(rf"^{re.escape(README_START)}[ \t]*\n(?:.*\n)*?{re.escape(README_END)}[ \t]*$", text, re.M)
-    if m is None:
-        raise EdgePruneError(f"{path} has no '{README_START}' ... '{README_END}' block (each marker on a line of "
-                             "its own)")
-    block = (f"{README_START}\n<!-- written by `edgeprune report {data['run_dir']} --readme {path.name}`; "
-             f"do not edit by hand -->\n{readme_table(data)}{README_END}")
-    path.write_text(text[:m.start()] + block + text[m.end():])

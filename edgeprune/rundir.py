@@ -7,6 +7,7 @@ The pipeline writes run directories with it and the report reads them with it; n
     RUN_DIR/report/               the report stage (its stage.json beside report.html/.md/.json)
     RUN_DIR/inputs/ablation.json  the ablation table the report includes
     RUN_DIR/logs/NAME.log         the traceback of a failed stage
+    RUN_DIR/fit-work/             with [fit]: every configuration fit pruned or exported (reused across reruns)
 
 Stage names are built here only (``StageId.name``), never parsed back: a reader that wants the export stages
 asks each stage's own result for its variant, format and dtype and checks the name it would have.
@@ -26,10 +27,11 @@ REPORT = "report"
 VARIANTS = ("baseline", "pruned")  # the unpruned model and the pruned one
 ABLATION = Path("inputs") / "ablation.json"
 CONFIG_FILE = "config.toml"
+FIT_WORK = "fit-work"
 RUN_KIND = "edgeprune-run"  # the manifest's kind
 STAGE_KIND = "pipeline-stage"  # a stage.json's kind
 
-__all__ = ["ABLATION", "CONFIG_FILE", "MANIFEST", "REPORT", "RUN_KIND", "STAGE_FILE", "STAGE_KIND", "VARIANTS",
+__all__ = ["ABLATION", "CONFIG_FILE", "FIT_WORK", "MANIFEST", "REPORT", "RUN_KIND", "STAGE_FILE", "STAGE_KIND", "VARIANTS",
            "StageId", "artifact_dir", "log_path", "read_stage", "read_stages", "stage_dir"]
 
 

@@ -10,8 +10,9 @@
    measured/predicted factors and the next more compressed configuration is tried once.
 
 Outputs (``--out``): ``r{RATIO}/model`` (pruned checkpoints), ``r{RATIO}-{FMT}-{DTYPE}/artifact``, their PPL and
-profile JSON, and ``fit.json``. Does NOT touch the run pipeline's directory layout or config (a ``[fit]`` section
-is for later).
+profile JSON, and ``fit.json``. In `edgeprune run`, the ``[fit]`` section runs this as a stage (the recipe, texts and
+PPL settings are then the run config's: ``FitOptions.prune``/``data``/``evaluate``; edgeprune/pipeline/fit_stages.py).
+Does NOT know the run directory's layout, and does not draw the report (edgeprune/report_fit.py).
 """
 
 from __future__ import annotations
@@ -24,14 +25,13 @@ from pathlib import Path
 from edgeprune.data import resolve_text
 from edgeprune.errors import EdgePruneError
 from edgeprune.fit import latency, search
+from edgeprune.fit.measure import artifact_ppl, dense_ppl, export_to, measured_values, prune_to, tag
+from edgeprune.fit.measure import log as _log
 from edgeprune.fit.memory import profile_settings
 from edgeprune.fit.shapes import ModelShape, from_checkpoint
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 SCHEMA = "edgeprune.fit/1"
-# round 1's scores and sensitivities of the dense model, shared by every prune of this process (they do not
-# depend on the ratio or the budget; prune_model keys them by everything they do depend on)
-_SCORES: dict = {}
 
 
 @dataclass
@@ -54,12 +54,11 @@ class FitOptions:
     # table's machine state (load, clocks) cancels out. ``scale``: such factors known already (skips the anchor)
     anchor: bool = True
     scale: dict | None = None
-
-
-def _log(msg: str) -> None:
-    import sys
-
-    print(msg, file=sys.stderr, flush=True)
+    # the recipe and texts of a run config (`edgeprune run` with [fit]); None: demo.toml's, with ``recipe`` overrides
+    prune: object | None = None  # a PruneConfig (its ratio is ignored)
+    data: dict | None = None  # {"calib": spec, "eval": spec}
+    evaluate: dict | None = None  # seq_len, batch_size, max_tokens, threads
+    load: dict = field(default_factory=dict)  # edgeprune.models.load's device / dtype
 
 
 # ---- recipe, texts --------------------------------------------------------------------------------------------
@@ -82,6 +81,19 @@ def recipe(overrides: dict, unit_cost=None):
         pcfg.unit_cost = unit_cost
     pcfg.validate()
     return pcfg, cfg.get("data", {}), cfg.get("evaluate", {})
+
+
+def recipe_of(opts: FitOptions, unit_cost=None):
+    """``recipe`` for ``opts``: the run config's recipe and texts where it gives them, else demo.toml's."""
+    from dataclasses import replace
+
+    if opts.prune is None or opts.data is None or opts.evaluate is None:
+        pcfg, data, ev = recipe(opts.recipe, unit_cost)
+    if opts.prune is not None:
+        pcfg = replace(opts.prune, unit_cost=unit_cost)
+        pcfg.validate()
+    return pcfg, (data if opts.data is None else dict(opts.data)), (ev if opts.evaluate is None
+                                                                     else dict(opts.evaluate))
 
 
 # ---- latency models -------------------------------------------------------------------------------------------
@@ -127,110 +139,12 @@ def default_budget(prof, host: str | None) -> float | None:
 
 
 # ---- realise one configuration ----------------------------------------------------------------------------------
-def _tag(ratio: float, budget: str = "params") -> str:
-    return f"r{round(100 * ratio):02d}" + ("-latency" if budget == "latency" else "")
-
-
-def prune_to(opts: FitOptions, ckpt: Path, ratio: float, pcfg_base, data: dict, out: Path) -> Path:
-    """The checkpoint pruned to ``ratio`` with the recipe (reused when ``out`` holds the same settings)."""
-    from dataclasses import replace
-
-    if ratio == 0:
-        return ckpt
-    pcfg = replace(pcfg_base, ratio=ratio)
-    model_dir = out / _tag(ratio, opts.budget) / "model"
-    want = asdict(pcfg)
-    try:
-        have = json.loads((model_dir / "manifest.json").read_text()).get("config")
-    except (OSError, ValueError):
-        have = None
-    if have == json.loads(json.dumps(want)):
-        _log(f"reusing {model_dir} (same recipe and ratio)")
-        return model_dir
-    from edgeprune.checkpoint import save_checkpoint
-    from edgeprune.models import load
-    from edgeprune.prune import prune_model
-
-    _log(f"pruning {opts.model} to ratio {ratio:.2f} ({pcfg.scorer} + {pcfg.allocator}, {pcfg.rounds} rounds, "
-         f"refit {pcfg.reconstruct}, {pcfg.recover_steps} distillation steps, {opts.budget} budget)")
-    lm = load(opts.model)
-    record = prune_model(lm, pcfg, resolve_text(data.get("calib", "builtin"), "calib"), progress=False,
-                         cache=_SCORES.setdefault(opts.model, {}))
-    save_checkpoint(lm, model_dir, {"source_model": opts.model, "source": lm.source, **record})
-    return model_dir
-
-
-def export_to(model_dir: Path, fmt: str, dtype: str, out: Path) -> Path:
-    from edgeprune.export.artifacts import export_artifact
-
-    art = out / "artifact"
-    try:
-        src = json.loads((art / "manifest.json").read_text()).get("source")
-    except (OSError, ValueError):
-        src = None
-    if src and Path(src).resolve() == Path(model_dir).resolve():
-        return art
-    _log(f"exporting {model_dir} as {fmt} {dtype}")
-    export_artifact(str(model_dir), fmt, dtype, art)
-    return art
-
-
-def artifact_ppl(art: Path, fmt: str, text, ev: dict, max_tokens: int | None) -> float:
-    from tokenizers import Tokenizer
-
-    ids = Tokenizer.from_file(str(art / "tokenizer.json")).encode(text.text, add_special_tokens=False).ids
-    if fmt == "onnx":
-        from edgeprune.devices.ort_generate import OrtGenerator
-
-        return OrtGenerator(art, threads=ev.get("threads") or None).perplexity(
-            ids, ev.get("seq_len", 128), max_tokens=max_tokens, batch_size=ev.get("batch_size", 8))["ppl"]
-    from edgeprune.export.gguf import gguf_perplexity
-
-    return gguf_perplexity(art / "model.gguf", text, ev.get("seq_len", 128), max_tokens, token_ids=ids,
-                           n_threads=ev.get("threads") or None)["ppl"]
-
-
-def dense_ppl(opts: FitOptions, text, ev: dict, max_tokens: int | None) -> float:
-    """The dense model's PyTorch fp32 PPL on the same tokens (cached in the output directory)."""
-    path = (opts.work or opts.out) / "dense_ppl.json"
-    key = {"model": opts.model, "text": text.sha256, "seq_len": ev.get("seq_len", 128), "max_tokens": max_tokens}
-    try:
-        cached = json.loads(path.read_text())
-        if cached["key"] == key:
-            return cached["ppl"]
-    except (OSError, ValueError, KeyError):
-        pass
-    from edgeprune.evaluate.ppl import perplexity
-    from edgeprune.io import write_json
-    from edgeprune.models import load
-
-    lm = load(opts.model)
-    ppl = perplexity(lm.model, lm.tokenizer, text, ev.get("seq_len", 128), max_tokens=max_tokens,
-                     batch_size=ev.get("batch_size", 8), progress=False)["ppl"]
-    write_json(path, {"key": key, "ppl": ppl})
-    return ppl
-
-
-def measured_values(doc: dict, prompt: int | None, ppl: float, ref_ppl: float) -> dict:
-    """The measured value of every target. Speeds are the fastest repeat's, as in the latency table (medians
-    beside them)."""
-    ttft = latency.best_ttft_ms(doc)
-    median_ttft = {r["prompt_tokens"]: r["ttft_ms"] for r in doc["prefill"]}
-    return {"memory_mb": doc["memory"]["peak_rss_mb"], "memory_check_mb": doc["memory_check"]["estimate_mb"],
-            "size_mb": round(doc["artifact"]["size_bytes"] / 2**20, 1),
-            "decode_tok_s": latency.best_decode_tok_s(doc), "decode_tok_s_median": doc["decode"]["tokens_per_s"],
-            "ttft_ms": ttft.get(prompt) if prompt else None,
-            "ttft_ms_median": median_ttft.get(prompt) if prompt else None,
-            "ppl": round(ppl, 3), "ppl_ratio": round(ppl / ref_ppl, 4),
-            "load_avg": [doc["machine"].get("load_avg"), doc["machine"].get("load_avg_end")]}
-
-
 def realise(opts, cand: search.Candidate, ctx: dict) -> dict:
     """Prune, export, evaluate and profile one configuration; predicted (search and actual shapes) vs measured."""
     start = time.perf_counter()
     work = opts.work or opts.out
     model_dir = prune_to(opts, ctx["ckpt"], cand.ratio, ctx["pcfg"], ctx["data"], work)
-    art = export_to(model_dir, cand.fmt, cand.dtype, work / f"{_tag(cand.ratio, opts.budget)}-{cand.fmt}-{cand.dtype}")
+    art = export_to(model_dir, cand.fmt, cand.dtype, work / f"{tag(cand.ratio, opts.budget)}-{cand.fmt}-{cand.dtype}")
     shape = from_checkpoint(model_dir)
     shaped = search.predict(shape, 0.0, cand.fmt, cand.dtype, ctx["models"], ctx["settings"], opts.targets,
                             extra_bytes=ctx["extra_bytes"], scale=ctx.get("scale")).predicted
@@ -284,7 +198,7 @@ def prepare(opts: FitOptions) -> dict:
     if opts.budget not in ("params", "latency"):
         raise EdgePruneError(f"--budget is 'params' or 'latency', not '{opts.budget}'")
     opts.targets.budget_mb = default_budget(prof, opts.host)  # else the profiler would refuse the artifact
-    pcfg, data, ev = recipe(opts.recipe)
+    pcfg, data, ev = recipe_of(opts)
     ckpt = resolve_checkpoint(opts.model)
     base = from_checkpoint(ckpt)
     settings = profile_settings(prof, {"threads": opts.threads})
@@ -300,7 +214,7 @@ def prepare(opts: FitOptions) -> dict:
         if models.get(dtypes[0]) is None:
             raise EdgePruneError("--budget latency needs the device's latency table")
         unit_cost = [list(x) for x in zip(*models[dtypes[0]].unit_ms(base), strict=True)]
-        pcfg, data, ev = recipe(opts.recipe, unit_cost)
+        pcfg, data, ev = recipe_of(opts, unit_cost)
     extra = sum((ckpt / n).stat().st_size for n in TOKENIZER_FILES if (ckpt / n).is_file())
     extra += 2048  # manifest.json
     scale = dict(opts.scale or {})
@@ -315,16 +229,32 @@ def prepare(opts: FitOptions) -> dict:
 
 def anchor(opts: FitOptions, ctx: dict) -> dict:
     """Profile the dense model in each dtype (each has its own table, measured at its own time) and return
-    measured / predicted decode speed and TTFT per dtype ("decode:q8_0", ...)."""
+    measured / predicted decode speed and TTFT per dtype ("decode:q8_0", ...). The profiles are kept in
+    ``ctx["anchor_docs"]`` (``anchor_points`` adds their PPL once the evaluation text is loaded)."""
     work = opts.work or opts.out
     out = {}
+    ctx["anchor_docs"] = []
     for dtype in ctx["dtypes"]:
         if ctx["models"].get(dtype) is None:
             continue
         art = export_to(ctx["ckpt"], ctx["fmt"], dtype, work / f"r00-{ctx['fmt']}-{dtype}")
         _log(f"profiling the dense {ctx['fmt']} {dtype} artifact on {opts.host or ctx['device']} (the anchor of "
              f"the speed predictions)")
-        out.update(anchor_factors(ctx["runner"](art), ctx, dtype, opts.targets))
+        doc = ctx["runner"](art)
+        ctx["anchor_docs"].append((dtype, art, doc))
+        out.update(anchor_factors(doc, ctx, dtype, opts.targets))
+    return out
+
+
+def anchor_points(opts: FitOptions, ctx: dict) -> list[dict]:
+    """The dense artifacts the anchor profiled, with their PPL in the runtime: measured configurations too
+    (the quality-vs-speed frontier's dense end)."""
+    out = []
+    for dtype, art, doc in ctx.get("anchor_docs", []):
+        _log(f"PPL of {art}")
+        ppl = artifact_ppl(art, ctx["fmt"], ctx["eval_text"], ctx["ev"], ctx["max_tokens"])
+        out.append({"ratio": 0.0, "format": ctx["fmt"], "dtype": dtype, "artifact": str(art),
+                    "measured": measured_values(doc, opts.targets.prompt_tokens, ppl, ctx["ref_ppl"])})
     return out
 
 
@@ -361,6 +291,7 @@ def fit(opts: FitOptions) -> dict:
     choice = search.choose(cands, opts.targets, prof.name)
     _log(f"chosen: {choice.label}; predicted {json.dumps(choice.predicted)}")
     evaluation(opts, ctx)
+    anchors = anchor_points(opts, ctx)
     attempts = [realise(opts, choice, ctx)]
     stepped = None
     if attempts[0]["missed"]:
@@ -384,7 +315,7 @@ def fit(opts: FitOptions) -> dict:
               "recipe": asdict(pcfg) | {"ratio": None}, "dense_ppl": ctx["ref_ppl"],
               "latency_models": {d: (asdict(m) if m else None) for d, m in models.items()},
               "candidates": [asdict(c) for c in cands], "choice": asdict(choice), "attempts": attempts,
-              "stepped": stepped, "met": not final["missed"], "final": final}
+              "stepped": stepped, "met": not final["missed"], "final": final, "anchors": anchors}
     from edgeprune.io import write_json
 
     opts.out.mkdir(parents=True, exist_ok=True)

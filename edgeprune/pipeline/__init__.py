@@ -3,6 +3,7 @@
     config.py       the typed run configuration (TOML, --set, direct options)
     plan.py         validate it and build the stage list
     stages.py       the stage bodies (eval, prune, export, artifact PPL, profile, report)
+    fit_stages.py   with a [fit] target: the fit stage and the prune stage that takes fit's checkpoint
     engine.py       the domain-free engine: content-keyed stages, atomic writes, a lock, resume
     fingerprint.py  content hashes of models and task files
     profiling.py    `edgeprune profile` in a separate process and its summary

@@ -2,7 +2,8 @@
 direct options, written back to ``RUN_DIR/config.toml``.
 
 ``[prune]`` is ``edgeprune.config.PruneConfig`` itself and ``[data]`` is ``DataSpec`` (the fields and defaults of
-`edgeprune prune`); ``[run]`` adds the model, the run directory and ``ModelLoad``'s device and dtype. Unknown
+`edgeprune prune`); ``[run]`` adds the model, the run directory and ``ModelLoad``'s device and dtype; ``[fit]``
+holds `edgeprune fit`'s targets (when one is set, fit chooses the ratio). Unknown
 sections and keys are one-line errors, as are values of the wrong type. Importing this module is cheap.
 Not here: running anything (plan.py, engine.py).
 """
@@ -98,6 +99,48 @@ class ReportSection:
     ablation: str = option("bench/results/ablation.json", "ablation table to include when present ('' = none)")
 
 
+FIT_TARGETS = ("max_memory_mb", "min_decode_tok_s", "max_ttft_ms", "max_size_mb", "max_ppl_ratio")
+
+
+@dataclass
+class FitSection:
+    """`edgeprune fit` as a stage of the run: when any target is set, the pruning ratio (and dtype) is chosen
+    to meet them and ``prune.ratio`` is ignored. 0 / '' / []: not set."""
+
+    max_memory_mb: float = option(0.0, "peak RSS target, MiB")
+    min_decode_tok_s: float = option(0.0, "decode speed target, tokens/s")
+    max_ttft_ms: float = option(0.0, "time to first token target, ms (with prompt_tokens)")
+    prompt_tokens: int = option(0, "prompt length of max_ttft_ms")
+    max_size_mb: float = option(0.0, "artifact size target, MiB")
+    max_ppl_ratio: float = option(0.0, "quality target: PPL / dense PPL")
+    device: str = option("", "device profile to fit to ('': profile.device)")
+    host: str = option("", "profile over SSH on this host (user@address; '': here)")
+    format: str = option("", "gguf | onnx ('': the device profile's)")
+    dtypes: list[str] = option([], "dtypes to search ([]: q8_0, q4_k_m for GGUF; int8 for ONNX)")
+    budget: str = option("params", "what LSPS spends: params, or latency (the device's decode time)")
+    threads: str = option("", "runtime threads, or 'auto' ('': profile.threads, else the device profile's)")
+
+    @property
+    def enabled(self) -> bool:
+        return any(getattr(self, t) for t in FIT_TARGETS)
+
+    def validate(self) -> None:
+        if any(getattr(self, t) < 0 for t in (*FIT_TARGETS, "prompt_tokens")):
+            raise EdgePruneError("fit targets must be positive (0: not set)")
+        if not self.enabled and section_dict(self) != section_dict(FitSection()):
+            raise EdgePruneError(f"[fit] sets no target (set at least one of {', '.join(FIT_TARGETS)})")
+        if self.budget not in ("params", "latency"):
+            raise EdgePruneError(f"fit.budget is 'params' or 'latency', not '{self.budget}'")
+        if self.format not in ("", "gguf", "onnx"):
+            raise EdgePruneError(f"fit.format is 'gguf' or 'onnx', not '{self.format}'")
+
+    def targets(self):
+        """The targets as ``edgeprune.fit.search.Targets`` (unset ones None)."""
+        from edgeprune.fit.search import Targets
+
+        return Targets(**{t: getattr(self, t) or None for t in (*FIT_TARGETS, "prompt_tokens")})
+
+
 @dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
@@ -107,6 +150,7 @@ class RunConfig:
     export: ExportSection = field(default_factory=ExportSection)
     profile: ProfileSection = field(default_factory=ProfileSection)
     report: ReportSection = field(default_factory=ReportSection)
+    fit: FitSection = field(default_factory=FitSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: section_dict(getattr(self, f.name)) for f in fields(self)}

@@ -164,6 +164,7 @@ class Engine:
             self.results[stage.name] = cached["result"]
             st.status = "cached"
             self.console.print(f"{label}: cached", highlight=False)
+            self._write_manifest("running")  # the report reads the stages of the manifest, cached ones too
             return
         self.console.print(f"{label}: {stage.title or stage.name} ...", highlight=False)
         start = time.perf_counter()

@@ -3,7 +3,9 @@
 model where it applies::
 
     eval-baseline                         PyTorch PPL (+ zero-shot) of the unpruned model
-    prune                                 PIEM scoring -> LSPS allocation -> surgery -> checkpoint
+    fit                                   with a [fit] target: choose the ratio and dtype, prune, measure
+    prune                                 PIEM scoring -> LSPS allocation -> surgery -> checkpoint (with [fit]:
+                                          the checkpoint fit chose)
     eval-pruned                           the same evaluation of the pruned checkpoint
     export-{baseline,pruned}-FMT-DTYPE    ONNX / GGUF artifacts (INT8 included) with their parity checks
     ppl-{baseline,pruned}-FMT-DTYPE       PPL of each artifact in its own runtime (onnxruntime, llama.cpp)
@@ -70,6 +72,7 @@ def plan_stages(cfg: RunConfig, ctx: Context) -> list[Stage]:
     cfg.profile.validate()
     # one per run (the device is identified once, when the first profile stage's key is needed)
     target = Target(cfg.profile) if cfg.profile.enabled else None
+    cfg.fit.validate()
     calib = resolve_text(cfg.data.calib, "calib")
     eval_text = resolve_text(cfg.data.eval, "eval")
     tasks_dir, tasks_hash = _tasks(cfg)
@@ -78,10 +81,16 @@ def plan_stages(cfg: RunConfig, ctx: Context) -> list[Stage]:
     fingerprints.save()
 
     stages: list[Stage] = [
-        EvalStage(ctx, "baseline", model, model_fp, eval_text, cfg.evaluate, cfg.run, tasks_dir, tasks_hash),
-        PruneStage(ctx, model, model_fp, cfg.prune, calib, cfg.run),
-        EvalStage(ctx, "pruned", model, "", eval_text, cfg.evaluate, cfg.run, tasks_dir, tasks_hash),
-    ]
+        EvalStage(ctx, "baseline", model, model_fp, eval_text, cfg.evaluate, cfg.run, tasks_dir, tasks_hash)]
+    if cfg.fit.enabled:
+        from edgeprune.pipeline.fit_stages import FitPruneStage, FitStage
+
+        stages += [FitStage(ctx, model, model_fp, cfg.fit, cfg.prune, cfg.data, calib, eval_text, cfg.evaluate,
+                            cfg.profile, cfg.run),
+                   FitPruneStage(ctx, model, model_fp, cfg.prune, calib, cfg.run)]
+    else:
+        stages.append(PruneStage(ctx, model, model_fp, cfg.prune, calib, cfg.run))
+    stages.append(EvalStage(ctx, "pruned", model, "", eval_text, cfg.evaluate, cfg.run, tasks_dir, tasks_hash))
     stages += [ExportStage(ctx, v, fmt, dtype, model, model_fp, cfg.export.optimize)
                for fmt, dtype in targets for v in VARIANTS]
     if cfg.evaluate.artifacts:

@@ -103,7 +103,7 @@ class Context:
 STREAM_FIELDS = ("stream", "stream_gradient")
 
 
-def _load_inputs(load: ModelLoad) -> dict:
+def load_inputs(load: ModelLoad) -> dict:
     # the default placement adds nothing, so keys of run directories written before it existed stay valid
     return {} if load.is_default else {"load": {"device": load.device, "dtype": load.dtype}}
 
@@ -131,7 +131,7 @@ class EvalStage(Stage):
         ev = self.ev
         return {**({"model": self.model_fp} if self.variant == "baseline" else {}), "seq_len": ev.seq_len,
                 "max_tokens": ev.max_tokens, "text": self.text.sha256, "tasks": ev.tasks, "limit": ev.limit,
-                "task_files": self.task_hashes, **_load_inputs(self.load)}
+                "task_files": self.task_hashes, **load_inputs(self.load)}
 
     def run(self, out: Path) -> EvalResult:
         from edgeprune.evaluate.ppl import perplexity
@@ -173,7 +173,7 @@ class PruneStage(Stage):
         # streaming's fields join the key only when set, so keys of run directories written before they existed
         # stay valid (and the gradient term of streaming does not key an in-memory prune)
         stream = {"stream": {"gradient": self.config.stream_gradient}} if self.config.stream else {}
-        return {"model": self.model_fp, "prune": prune, "calib": self.calib.sha256, **_load_inputs(self.load),
+        return {"model": self.model_fp, "prune": prune, "calib": self.calib.sha256, **load_inputs(self.load),
                 **stream}
 
     def run(self, out: Path) -> PruneResult:
