@@ -386,6 +386,11 @@ def main() -> None:
     p = load_result("profile")
     if p:
         lines += profile_section(p)
+    sc = load_result("scale")
+    if sc:
+        from scale import scale_section
+
+        lines += scale_section(sc)
     OUT.write_text("\n".join(lines))
     print(f"wrote {OUT}")
 

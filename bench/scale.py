@@ -4,10 +4,10 @@ profiling the GGUF with llama.cpp, against model size.
 Models: Llama-shaped random-initialised checkpoints (written layer by layer, never resident: see ``make_random``)
 of about 135M, 0.5B, 1.1B and 3B parameters, and the real default model. Random weights generate garbage text;
 that does not matter for memory and speed, which depend on the shapes only. Each measurement runs in its own
-process; peak RSS is that process's own VmHWM. Recipe: PIEM + LSPS (Block Influence), ratio 0.2, in
-PruneConfig's default 3 rounds (``--rounds``), 8 calibration windows of 128 tokens of the built-in text, no refit; the in-memory path computes PIEM's gradient
-term with the hook-based Taylor pass (edgeprune.scoring.gradients), the streamed path its default
-(stream_prune.DEFAULT_GRADIENT). Modes:
+process; peak RSS is that process's own VmHWM. Recipe (``RECIPE``): PIEM + LSPS (Block Influence), ratio 0.2,
+PruneConfig's default 3 rounds (``--rounds``) and least-squares refit, 8 calibration windows of 128 tokens of the
+built-in text; the in-memory path computes PIEM's gradient term with the hook-based Taylor pass
+(edgeprune.scoring.gradients), the streamed path its default (stream_prune.DEFAULT_GRADIENT). Modes:
 
 - ``memory``: ``load(dtype=)`` + ``prune_model`` + ``save_checkpoint``; ``stream``: ``stream_prune``;
 - ``export``: ONNX int8 of the pruned checkpoint (parity check included);
@@ -59,6 +59,8 @@ KNOWN = {"Llama-3.2-3B": (3072, 8192, 28, 24, 8, 128256, True), "Llama-3.1-8B": 
          "Qwen2.5-14B": (5120, 13824, 48, 40, 8, 152064, False), "Llama-3.1-70B": (8192, 28672, 80, 64, 8, 128256, False)}
 BUDGETS = {"24 GiB RAM": 24 * 2**30, "80 GiB GPU": 80 * 2**30}
 PRUNE_MODES = ("memory", "stream")
+RECIPE = ("PIEM + LSPS (bi sensitivity), ratio 0.2, PruneConfig's other defaults (least-squares refit; 3 rounds "
+          "unless a row says otherwise), 8 x 128 calibration tokens of the built-in text")
 EXPORT_MODES = ("export", "gguf", "profile")
 PROFILE_ARGS = ["--device", "cpu", "--threads", "2", "--prompt-lengths", "32", "--decode-prompt", "32",
                 "--new-tokens", "16", "--repeats", "1", "--warmup", "0", "--quiet"]
@@ -404,6 +406,8 @@ def main() -> None:
                     help="comma-separated: memory, stream, export, gguf, profile, e2e (= stream,gguf,profile)")
     ap.add_argument("--e2e-prune", default="stream", choices=PRUNE_MODES, help="the prune step of e2e")
     ap.add_argument("--work", default=None, help="where the checkpoints go (default: a temp directory)")
+    ap.add_argument("--pruned", default=None, help="an already pruned checkpoint of the (one) size for the export "
+                    "modes (e.g. one round's output of an interrupted run); recorded as the rows' 'from'")
     ap.add_argument("--keep", action="store_true", help="keep the random checkpoints in --work for a later run")
     ap.add_argument("--rounds", type=int, default=3, help="prune rounds (PruneConfig's default: 3)")
     ap.add_argument("--timeout", type=int, default=3600)
@@ -431,8 +435,10 @@ def main() -> None:
             base = {"size": size, "dtype": dtype, **info, "model_bytes": info["params"] * width,
                     "stream_target": (info["rest_params"] + 3 * info["layer_params"]) * width}
             pruned = {m: Path(tmp) / f"{size}-{m}" for m in PRUNE_MODES}
+            if args.pruned:
+                pruned = {Path(args.pruned).name: Path(args.pruned)}
             for mode in modes:
-                done = [m for m in PRUNE_MODES if (pruned[m] / "config.json").is_file()]
+                done = [m for m in pruned if (pruned[m] / "config.json").is_file()]
                 start = os.getloadavg()
                 if mode in PRUNE_MODES:
                     res = {"rounds": args.rounds, **run(mode, src, pruned[mode], dtype, args.timeout, args.rounds)}
@@ -455,16 +461,27 @@ def main() -> None:
     print(publish(previous, rows))
 
 
+def scale_section(doc: dict) -> list[str]:
+    """The BENCHMARKS.md section (bench/report.py) from bench/results/scale.json."""
+    rows = doc["rows"]
+    return ["## Scale: memory and time against model size (`bench/scale.py`)", "",
+            "Llama-shaped random-initialised checkpoints (random weights: garbage text, but memory and speed "
+            "depend on the shapes only), bfloat16 working dtype, one process per row (peak RSS = its own VmHWM). "
+            f"Recipe: {doc['recipe']}. Targets from the issue: scoring peak RSS ≤ 1.3x the model's bytes in memory "
+            "mode, ≤ 3 layers + embeddings streamed. Seconds are wall clock on 2 shared cores under the load "
+            "average in the notes. Plot: bench/results/scale.png.", "", table(rows), "", profile_table(rows),
+            extrapolate(rows)]
+
+
 def publish(previous: list[dict], rows: list[dict]) -> str:
     """Merge the new rows into bench/results/scale.json (replacing rows of the same size, mode and dtype) and
     rewrite the tables and the plot; called after every measurement, so an interrupted run keeps its rows."""
     new = {(x["size"], x["mode"], x["dtype"]) for x in rows}
     rows = [r for r in previous if (r["size"], r["mode"], r["dtype"]) not in new] + rows
     rows = [r for r in rows if r["size"] != "smoke"]  # the smoke size checks the script, it is not a result
-    save("scale", {"rows": rows, "recipe": "piem+lsps(bi), ratio 0.2, 8x128 builtin calibration, no refit; "
-                   "rounds per row (3 where a row has no 'rounds': PruneConfig's default)",
+    save("scale", {"rows": rows, "recipe": RECIPE,
                    "profile_args": PROFILE_ARGS, "fits": fits(rows)})
-    text = table(rows) + "\n\n" + profile_table(rows) + "\n" + extrapolate(rows)
+    text = "\n".join(scale_section({"rows": rows, "recipe": RECIPE})[4:])
     (RESULTS / "scale.md").write_text(text)
     plot(rows, RESULTS / "scale.png")
     return text
