@@ -411,7 +411,15 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the random checkpoints in --work for a later run")
     ap.add_argument("--rounds", type=int, default=3, help="prune rounds (PruneConfig's default: 3)")
     ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--drop", default=None, help="only remove the rows of these SIZE:DTYPE pairs (comma-separated; "
+                    "stale measurements) from scale.json and rewrite the tables, then exit")
     args = ap.parse_args()
+    if args.drop:
+        gone = {tuple(x.split(":", 1)) for x in args.drop.split(",")}
+        kept = [r for r in json.loads((RESULTS / "scale.json").read_text())["rows"]
+                if (r["size"], r["dtype"]) not in gone]
+        print(publish([], kept))
+        return
     from edgeprune.streaming import source_dir
 
     modes = []
