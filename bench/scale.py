@@ -323,9 +323,9 @@ def plot(rows: list[dict], path: Path) -> None:
             x, mem, sec = zip(*pts, strict=True)
             axes[0].plot(x, mem, "o-", label=mode)
             axes[1].plot(x, sec, "o-", label=mode)
-    pts = sorted((r["params"] / 1e6, r["model_bytes"] / 2**30) for r in rows if r["mode"] in PRUNE_MODES)
+    pts = sorted({(r["params"] / 1e6, r["model_bytes"] / 2**30) for r in rows if r["mode"] in PRUNE_MODES + ("gguf",)})
     if pts:
-        axes[0].plot(*zip(*pts, strict=True), "k--", label="model bytes (working dtype)")
+        axes[0].plot(*zip(*pts, strict=True), "kx--", label="model bytes (working dtype)")
     axes[0].set(xlabel="parameters (M)", ylabel="peak RSS (GiB)", title="peak memory", xscale="log", yscale="log")
     axes[1].set(xlabel="parameters (M)", ylabel="wall seconds", title="wall time (shared 2-core machine)",
                 xscale="log", yscale="log")
