@@ -414,6 +414,11 @@ def main() -> None:
     f = load_result("fit")
     if f and f.get("table"):
         lines += fit_section(f, load_result("fit_short"))
+    sc = load_result("scale")
+    if sc:
+        from scale import scale_section
+
+        lines += scale_section(sc)
     OUT.write_text("\n".join(lines))
     print(f"wrote {OUT}")
 
