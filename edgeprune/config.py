@@ -173,6 +173,23 @@ class DataSpec:
                                    "wikitext2|ptb|c4", flag="--data")
 
 
+def check_streamable(cfg, device: str = "cpu") -> None:
+    """One-line errors, each naming the option to change, for what a streamed prune cannot do (``cfg`` a
+    PruneConfig, ``device`` the torch device models load on; PruneConfig.validate calls this when ``stream`` is
+    set)."""
+    if device != "cpu":
+        raise EdgePruneError(f"--stream runs on the CPU: use --device cpu (run.device), not '{device}'")
+    if cfg.allocator == "lsps" and cfg.sensitivity != "bi":
+        raise EdgePruneError(f"--stream supports the bi sensitivity only: use --sensitivity bi (prune.sensitivity), "
+                             f"'{cfg.sensitivity}' needs whole-model passes")
+    if cfg.recover_steps:
+        raise EdgePruneError("--stream cannot distill: use --recover-steps 0 (prune.recover_steps); distillation "
+                             "needs the model resident")
+    if cfg.stream_gradient == "none" and cfg.scorer == "taylor":
+        raise EdgePruneError("the taylor scorer is all gradient: stream it with --stream-gradient lens "
+                             "(prune.stream_gradient)")
+
+
 @dataclass
 class PruneConfig:
     """Everything `edgeprune prune` decides; the defaults are the best measured recipe (module docstring)."""
@@ -258,8 +275,6 @@ class PruneConfig:
             raise EdgePruneError(f"unknown stream-gradient '{self.stream_gradient}'; choose from "
                                  f"{', '.join(STREAM_GRADIENTS)}")
         if self.stream:
-            from edgeprune.stream_prune import check_streamable
-
             check_streamable(self)
 
     def to_dict(self) -> dict:

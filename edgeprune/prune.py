@@ -7,7 +7,8 @@ from dataclasses import asdict
 
 import torch
 
-from edgeprune.allocation import ALLOCATORS, unit_costs
+from edgeprune.allocation import ALLOCATORS
+from edgeprune.allocation.base import prunable_total
 from edgeprune.config import PruneConfig
 from edgeprune.data import Text, calibration_batches
 from edgeprune.models.info import param_counts
@@ -21,12 +22,6 @@ from edgeprune.surgery import apply_plan
 from edgeprune.teacher import teacher_targets
 
 __all__ = ["PruneConfig", "compensation_biases", "prune_checkpoint", "prune_model"]
-
-
-def _prunable(adapter, unit_cost=None) -> float:
-    from edgeprune.allocation.base import priced
-
-    return sum(c.prunable for c in priced(unit_costs(adapter), unit_cost))
 
 
 def compensation_biases(adapter, plan: PruningPlan, means: dict) -> tuple[dict, dict]:
@@ -88,7 +83,7 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
     batches = calibration_batches(lm.tokenizer, calib, cfg.n_samples, cfg.seq_len, cfg.seed)
     probe = batches[: cfg.sensitivity_samples]
     before = param_counts(lm.adapter)
-    base_prunable = _prunable(lm.adapter, cfg.unit_cost)
+    base_prunable = prunable_total(lm.adapter, cfg.unit_cost)
     plan = PruningPlan.identity(lm.adapter)
     rounds = []
     start = time.perf_counter()
@@ -100,7 +95,7 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
     for r in range(1, cfg.rounds + 1):
         # each round removes its share of the original budget, measured against the current model
         target = cfg.ratio * base_prunable * r / cfg.rounds
-        now = _prunable(lm.adapter, cfg.unit_cost)
+        now = prunable_total(lm.adapter, cfg.unit_cost)
         round_ratio = min(max(0.0, (target - (base_prunable - now)) / now), 0.999)
         key = _dense_key(cfg, calib) if r == 1 else None
         if cache is not None and key in cache:
@@ -171,7 +166,8 @@ def prune_checkpoint(spec: str, cfg: PruneConfig, calib: Text, out_dir, load=Non
     cfg.validate()  # before any model time is spent
     load.validate()
     if cfg.stream:
-        from edgeprune.stream_prune import check_streamable, stream_prune
+        from edgeprune.config import check_streamable
+        from edgeprune.stream_prune import stream_prune
         from edgeprune.streaming import source_dir
 
         check_streamable(cfg, load.device)

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from edgeprune.config import STREAM_GRADIENTS
+from edgeprune.allocation.base import prunable_total
+from edgeprune.config import STREAM_GRADIENTS, check_streamable  # noqa: F401  (re-exported)
 from edgeprune.errors import EdgePruneError
 from edgeprune.plan import PruningPlan, compose
 from edgeprune.reconstruct import reconstruct_layer
@@ -210,23 +211,6 @@ def layer_summary(path) -> dict:
             "layer_params": [layer_param_counts(layer) for layer in adapter.layers]}
 
 
-def check_streamable(cfg, device: str = "cpu") -> None:
-    """One-line errors, each naming the option to change, for what a streamed prune cannot do (``cfg`` a
-    PruneConfig, ``device`` the torch device models load on; PruneConfig.validate calls this when ``stream`` is
-    set)."""
-    if device != "cpu":
-        raise EdgePruneError(f"--stream runs on the CPU: use --device cpu (run.device), not '{device}'")
-    if cfg.allocator == "lsps" and cfg.sensitivity != "bi":
-        raise EdgePruneError(f"--stream supports the bi sensitivity only: use --sensitivity bi (prune.sensitivity), "
-                             f"'{cfg.sensitivity}' needs whole-model passes")
-    if cfg.recover_steps:
-        raise EdgePruneError("--stream cannot distill: use --recover-steps 0 (prune.recover_steps); distillation "
-                             "needs the model resident")
-    if cfg.stream_gradient == "none" and cfg.scorer == "taylor":
-        raise EdgePruneError("the taylor scorer is all gradient: stream it with --stream-gradient lens "
-                             "(prune.stream_gradient)")
-
-
 def stream_prune(spec: str, cfg, calib, out_dir, dtype: str = "float32", gradient: str | None = None,
                  progress: bool = True) -> dict:
     """``prune_model`` + ``save_checkpoint`` for a model that need not fit in memory: every round streams the
@@ -239,7 +223,6 @@ def stream_prune(spec: str, cfg, calib, out_dir, dtype: str = "float32", gradien
     from edgeprune.data import calibration_batches
     from edgeprune.io import MANIFEST, atomic_dir, manifest, write_json
     from edgeprune.models.info import param_counts
-    from edgeprune.prune import _prunable
     from edgeprune.scoring import make_scorer
     from edgeprune.selection import build_plan
     from edgeprune.sensitivity import measure
@@ -256,10 +239,10 @@ def stream_prune(spec: str, cfg, calib, out_dir, dtype: str = "float32", gradien
         tokenizer = sm.tokenizer()
         batches = calibration_batches(tokenizer, calib, cfg.n_samples, cfg.seq_len, cfg.seed)
         before = param_counts(sm.adapter)
-        base = _prunable(sm.adapter, cfg.unit_cost)
+        base = prunable_total(sm.adapter, cfg.unit_cost)
         plan, rounds = PruningPlan.identity(sm.adapter), []
         for r in range(1, cfg.rounds + 1):
-            now = _prunable(sm.adapter, cfg.unit_cost)
+            now = prunable_total(sm.adapter, cfg.unit_cost)
             round_ratio = min(max(0.0, (cfg.ratio * base * r / cfg.rounds - (base - now)) / now), 0.999)
             means = {} if cfg.bias_compensation and not cfg.reconstruct else None
             blocks = cfg.allocator in ("depth", "owl") or cfg.allocator == "lsps"

@@ -82,6 +82,11 @@ def unit_costs(adapter, attn_unit: str = "group") -> list[UnitCosts]:
     return [unit_costs_layer(layer, attn_unit) for layer in adapter.layers]
 
 
+def prunable_total(adapter, unit_cost=None) -> float:
+    """The model's prunable budget (parameters, or the unit cost's units): what a round's ratio is a share of."""
+    return sum(c.prunable for c in priced(unit_costs(adapter), unit_cost))
+
+
 def priced(costs, unit_cost, attn_unit: str = "group"):
     """``costs`` with each unit's parameters replaced by ``unit_cost`` (per layer: [group, channel]); unchanged
     when ``unit_cost`` is None."""

@@ -64,7 +64,7 @@ def plan_stages(cfg: RunConfig, ctx: Context) -> list[Stage]:
     cfg.prune.validate()
     cfg.run.validate()
     if cfg.prune.stream:
-        from edgeprune.stream_prune import check_streamable
+        from edgeprune.config import check_streamable
 
         check_streamable(cfg.prune, cfg.run.device)
     targets = cfg.export.targets()
