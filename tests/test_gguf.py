@@ -269,3 +269,42 @@ def test_real_q8_0_perplexity_close_to_f32(tmp_path, default_lm):
     q8 = gguf_perplexity(tmp_path / "q8.gguf", text, seq_len=128, max_tokens=256)  # llama.cpp's own tokenizer
     assert q8["windows"] == ref["windows"] == 2
     assert q8["ppl"] == pytest.approx(ref["ppl"], rel=0.03)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_bf16_checkpoint_reference_is_float32_math_on_bf16_weights(tmp_path, family, monkeypatch):
+    """A bf16 checkpoint's reference is loaded in bf16 (no float32 copy of the model) and computed in float32
+    module by module: the same logits and greedy tokens as the checkpoint loaded in float32, so the f32 GGUF
+    passes with the fp32 tests' bound."""
+    from edgeprune.export.gguf.check import _torch_greedy, float32_compute, stored_dtype
+
+    import edgeprune.models
+
+    lm = build_tiny(family, dtype="bfloat16")
+    ckpt = save_checkpoint(lm, tmp_path / "ck", {})
+    assert stored_dtype(ckpt) == "bfloat16"
+    ref = edgeprune.models.load(str(ckpt), dtype="float32").model
+    model = edgeprune.models.load(str(ckpt), dtype="bfloat16").model
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.inference_mode():
+        want = ref(input_ids=ids).logits
+        plain = model(input_ids=ids).logits.float()
+        with float32_compute(model):
+            got = model(input_ids=ids).logits
+            greedy = _torch_greedy(model, ids[0].tolist(), 6)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), float((got - want).abs().max())
+    assert (plain - want).abs().max() > 100 * (got - want).abs().max()  # bf16 math is much further off
+    assert greedy[0] == _torch_greedy(ref, ids[0].tolist(), 6)[0]
+    # the weights are bf16 again, plain tensors (usable with autograd), and the hooks are gone
+    assert all(p.dtype == torch.bfloat16 and not p.is_inference() for p in model.parameters())
+    assert torch.equal(model(input_ids=ids).logits.float(), plain)
+    if family != "llama":
+        return
+    seen = []
+    real = edgeprune.models.load
+    monkeypatch.setattr(edgeprune.models, "load", lambda spec, **kw: seen.append(kw.get("dtype")) or real(spec, **kw))
+    export_gguf(ckpt, tmp_path / "m.gguf", "f32")
+    report = check_gguf(tmp_path / "m.gguf", ckpt, PROMPTS, n_tokens=8)
+    assert seen == ["bfloat16"]
+    assert_parity(report, 1e-3)

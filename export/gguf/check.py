@@ -1,5 +1,14 @@
 """The GGUF parity check: llama.cpp on the exported file against PyTorch (fp32) on the checkpoint, same token ids.
 
+The PyTorch reference computes in float32 without holding a float32 copy of a 16-bit checkpoint: such a
+checkpoint is loaded in its own dtype and each top-level module (embeddings, every decoder layer, final norm,
+lm_head) is cast to float32 just before its forward and back right after (``float32_compute``), so at most one
+module's float32 copy exists at a time (a 3B bf16 checkpoint: 6 GiB of weights plus one 0.4 GiB layer, or the
+1.5 GiB float32 embedding, instead of 12 GiB). Upcasting a 16-bit weight is exact, so the reference's logits
+are those of the checkpoint loaded in float32 (up to float rounding) and the tolerances below keep their meaning;
+computing the reference in bf16 instead would add bf16 rounding to every comparison (logit errors far above the
+f32 tolerance). It does not stream layers from disk: the checkpoint must fit in memory in its own dtype.
+
 Returns the shared ``ParityRecord`` (``export/parity.py``) as a dict. Needs torch, transformers and
 llama-cpp-python; the context comes from ``runtime.llama_context`` (f32 KV cache, all logits kept).
 """
@@ -7,6 +16,7 @@ llama-cpp-python; the context comes from ``runtime.llama_context`` (f32 KV cache
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,20 +61,26 @@ def check_gguf(gguf_path, checkpoint_dir, prompts: list[str] | None = None, n_to
     llama.cpp's decode speed. ``passed``: max |diff| within ``TOLERANCE[dtype]``, and for f32/f16 the same
     greedy tokens (a divergence at a near-tie, PyTorch's top-2 gap within 2x the tolerance, is allowed), for
     quantized files top-1 agreement of at least ``MIN_TOP1[dtype]`` (and mean KL within ``MAX_MEAN_KL``).
-    ``lm``: the checkpoint already loaded (``edgeprune.models.load``), to save loading it again.
+    ``lm``: the checkpoint already loaded (``edgeprune.models.load``), to save loading it again. A 16-bit
+    checkpoint is loaded in its own dtype and run in float32 module by module (see the module docstring).
     ``decode_tokens_per_s`` is the wall clock of the greedy loop (one llama_decode per token, all logits
     kept): a rough figure, not a benchmark.
     """
-    import torch
-
     from edgeprune.models import load
 
     if not Path(gguf_path).is_file():
         raise EdgePruneError(f"GGUF file not found: {gguf_path}")
     prompts = list(prompts or DEFAULT_PROMPTS)
     dtype = gguf_dtype(gguf_path)
-    lm = lm if lm is not None else load(str(checkpoint_dir))
+    lm = lm if lm is not None else load(str(checkpoint_dir), dtype=stored_dtype(checkpoint_dir))
     tok, model = lm.tokenizer, lm.model
+    with float32_compute(model):
+        return _check(gguf_path, prompts, n_tokens, n_threads, dtype, tok, model)
+
+
+def _check(gguf_path, prompts, n_tokens, n_threads, dtype, tok, model) -> dict:
+    import torch
+
     ids = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
     if any(not x for x in ids):
         raise EdgePruneError("every check prompt must give at least one token")
@@ -106,6 +122,57 @@ def check_gguf(gguf_path, checkpoint_dir, prompts: list[str] | None = None, n_to
                  "greedy_tokens": got_tokens, "reference_tokens": ref_tokens, "greedy_text": got_text,
                  "reference_text": tok.decode(ref_tokens), "kv_cache": "f32",
                  "decode_tokens_per_s": n_tokens / decode_s if decode_s > 0 else None}).to_dict()
+
+
+def stored_dtype(checkpoint_dir) -> str:
+    """The dtype a checkpoint stores its weights in (its config's ``dtype``/``torch_dtype``): ``bfloat16`` or
+    ``float16``, else ``float32``."""
+    from edgeprune.models.loader import read_config
+
+    cfg = read_config(Path(checkpoint_dir))
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").removeprefix("torch.")
+    return name if name in ("bfloat16", "float16") else "float32"
+
+
+@contextmanager
+def float32_compute(model):
+    """Run ``model`` in float32 although its weights stay 16-bit: every top-level module (embeddings, each
+    decoder layer, final norm, lm_head) has its floating parameters and buffers cast to float32 by a forward
+    pre-hook and back to their own dtypes by a forward hook, so only one module is float32 at a time and the
+    hidden states flow in float32. Nothing happens for a float32 model."""
+    import torch
+
+    from edgeprune.adapters import get_adapter
+
+    if all(p.dtype == torch.float32 for p in model.parameters()):
+        yield model
+        return
+    adapter = get_adapter(model)
+    modules = [adapter.embed_tokens, *(layer.layer for layer in adapter.layers), adapter.final_norm,
+               adapter.lm_head]
+    saved: dict[int, list] = {}
+
+    def up(module, _args):
+        tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+        saved[id(module)] = [(t, t.dtype) for t in tensors]
+        with torch.inference_mode(False):  # plain tensors, usable outside inference mode afterwards
+            for t in tensors:
+                t.data = t.data.float()
+            scale = getattr(module, "scalar_embed_scale", None)  # Gemma: the buffer was rounded to 16 bits at load
+            if scale is not None and isinstance(getattr(module, "embed_scale", None), torch.Tensor):
+                module.embed_scale.data = torch.tensor(scale, dtype=torch.float32, device=module.embed_scale.device)
+
+    def down(module, _args, _out):
+        with torch.inference_mode(False):
+            for t, dt in saved.pop(id(module)):
+                t.data = t.data.to(dt)  # exact: the float32 copy holds the 16-bit values
+
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(up), m.register_forward_hook(down))]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _llama_greedy(llm, ids: list[int], n: int) -> tuple[list[int], float]:
