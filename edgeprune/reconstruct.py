@@ -15,13 +15,15 @@ the bias alone. Removing a whole block keeps its mean output as a bias.
 The pass is sequential, as SparseGPT's and Wanda's are: layer i is refit on the inputs the already pruned layers
 0..i-1 produce, so each refit also corrects the error arriving from below. Within a layer the attention block is
 cut first and the MLP block is refit on the inputs the pruned attention produces. Memory: one layer, its
-calibration activations and two Gram matrices (d+1)^2 in float64.
+calibration activations and the Gram matrix (d+1)^2 in float64 of a refit projection's inputs (o_proj's; the
+down_proj bias refit needs only its inputs' mean, so its much wider Gram is formed only with ``mlp_weights``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from edgeprune.heap import trim_heap
 from edgeprune.plan import PruningPlan
 from edgeprune.scoring.calibration import capture_layer0_inputs, run_layer
 from edgeprune.surgery import cut_attention, cut_mlp, unit_dims
@@ -76,11 +78,32 @@ def set_linear(lin: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -
         lin.bias.data.copy_(bias)
 
 
-def bias_only(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor,
+def mean_of_input(layer_module, proj: torch.nn.Linear, inputs: list) -> torch.Tensor:
+    """The mean of a projection's inputs over the calibration tokens (float64): what ``bias_only`` needs, without
+    the (d+1)^2 Gram matrix (189 MiB for a 4,864-wide MLP)."""
+    total = torch.zeros(proj.in_features, dtype=torch.float64, device=proj.weight.device)
+    count = [0]
+
+    def hook(_m, args):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        total.add_(x.sum(0, dtype=torch.float64))
+        count[0] += x.shape[0]
+
+    handle = proj.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for hidden, kw in inputs:
+                run_layer(layer_module, hidden, kw)
+    finally:
+        handle.remove()
+    return total / max(count[0], 1)
+
+
+def bias_only(weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor,
               keep: torch.Tensor) -> torch.Tensor:
-    """The bias that keeps the block's mean output (FLAP's compensation): b + W[:, removed] E[x_removed]."""
+    """The bias that keeps the block's mean output (FLAP's compensation): b + W[:, removed] E[x_removed], with
+    ``mean`` the inputs' mean (``mean_of_input``; or a Gram's ones column over its token count)."""
     d = weight.shape[1]
-    mean = gram[:d, d] / gram[d, d]  # the ones column holds the feature sums; its diagonal the token count
     gone = torch.ones(d, dtype=torch.bool, device=weight.device)
     gone[keep] = False
     extra = weight.double()[:, gone] @ mean[gone]
@@ -100,13 +123,13 @@ def reconstruct_layer(layer, lp, inputs: list, damp: float = 1e-3, mlp_weights: 
             set_linear(layer.attention_projections().o, w, b)
     if layer.has_mlp and len(lp.channels) < layer.intermediate_size:
         down = layer.mlp_projections().down
-        gram = gram_of_input(layer.layer, down, inputs)
         keep = torch.tensor(lp.channels, dtype=torch.long)
         b0 = down.bias.data if down.bias is not None else None
         if mlp_weights:
-            w, b = refit(down.weight.data, b0, gram, keep, damp)
-        else:
-            w, b = down.weight.data[:, keep], bias_only(down.weight.data, b0, gram, keep)
+            w, b = refit(down.weight.data, b0, gram_of_input(layer.layer, down, inputs), keep, damp)
+        else:  # the bias alone needs the inputs' mean, not their Gram matrix
+            w, b = down.weight.data[:, keep], bias_only(down.weight.data, b0, mean_of_input(layer.layer, down, inputs),
+                                                        keep)
         cut_mlp(layer, lp, b)
         if lp.channels:
             set_linear(layer.mlp_projections().down, w, b)
@@ -133,6 +156,7 @@ def apply_plan_reconstruct(adapter, plan: PruningPlan, batches: torch.Tensor, mi
         with torch.no_grad():
             inputs = [(run_layer(layer.layer, hidden, kw), kw) for hidden, kw in inputs]
         record.append(lp.index)
+        trim_heap()  # the refit's Gram matrices and the cut weights' old storage
     drops = [lp.index for lp in plan.layers if lp.drop]
     if drops:
         adapter.drop_layers(drops)

@@ -1,9 +1,11 @@
 """Streamed scoring and pruning: the layer-by-layer passes run on a ``StreamedModel`` (edgeprune.streaming), so
-the whole model is never resident. Peak memory: the embeddings, final norm and lm_head, one decoder layer, the
-calibration activations of one layer (inputs and outputs), the statistics of one layer, and the temporaries of
-one pass: one micro-batch's layer graph and 32 MiB chunks of logit-lens logits (``lens_gradients``), the
-per-head products of one micro-batch (``collect_layer_stats``), float64 copies of one projection weight at a time
-(the scorers' weight terms, OWL's outlier ratios). The heap is trimmed after every layer (streaming.trim_heap).
+the whole model is never resident. Peak memory: the embeddings, final norm and lm_head, one decoder layer (two
+while surgery cuts it), the calibration activations of one layer (inputs and outputs), the statistics of one
+layer, the logit-lens gradient of the layer's projections, and the temporaries of one pass: one window's layer
+graph (``MICRO_BATCH``) and 4 MiB chunks of logit-lens logits (``lens_gradients``), 8 MiB chunks of per-head
+products (``collect_layer_stats``), a few MiB of float64 terms of one projection at a time (the scorers' weight
+terms, OWL's outlier ratios: ``scoring.base.row_chunks``), and o_proj's Gram matrix in the refit. The heap is
+trimmed after every layer (edgeprune.heap.trim_heap).
 
 - ``stream_score``: the activation statistics and Block Influence of ``collect_layer_stats`` layer by layer; the
   same scores as ``score_model`` for every scorer without a gradient term.
@@ -45,7 +47,11 @@ from edgeprune.surgery import cut_attention, cut_mlp, unit_dims
 GRADIENTS = STREAM_GRADIENTS  # PruneConfig.stream_gradient
 DEFAULT_GRADIENT = GRADIENTS[0]  # measured: bench/stream_gradient.py, README "Scale"
 LENS_STRIDE = 8  # the logit-lens loss reads every 8th position (its lm_head products cost ~1/3 of a layer pass each)
-LENS_CHUNK_BYTES = 32 * 2**20  # float32 logits per lm_head product of the logit-lens loss
+LENS_CHUNK_BYTES = 4 * 2**20  # float32 logits per lm_head product of the logit-lens loss
+# calibration windows per layer call in stream_prune: a layer's activations (and, in the logit-lens pass, its
+# autograd graph) for one 128-token window instead of all of them; the statistics are the same sums (float64, in
+# another order), the lens gradient the same sum over windows (float rounding)
+MICRO_BATCH = 1
 
 
 def _stream_scorer(scorer, gradient: str):
@@ -246,8 +252,8 @@ def stream_prune(spec: str, cfg, calib, out_dir, dtype: str = "float32", gradien
             round_ratio = min(max(0.0, (cfg.ratio * base * r / cfg.rounds - (base - now)) / now), 0.999)
             means = {} if cfg.bias_compensation and not cfg.reconstruct else None
             blocks = cfg.allocator in ("depth", "owl") or cfg.allocator == "lsps"
-            scores = stream_score(sm, scorer, batches, gradient=gradient, block_stats=blocks,
-                                  compensation=means, progress=progress)
+            scores = stream_score(sm, scorer, batches, micro_batch=MICRO_BATCH, gradient=gradient,
+                                  block_stats=blocks, compensation=means, progress=progress)
             sens = measure("bi", sm.adapter, scores, batches) if cfg.allocator == "lsps" else None
             alloc = ALLOCATORS[cfg.allocator].from_config(cfg, round_ratio).allocate(
                 sm.adapter, round_ratio, scores=scores, sensitivities=sens, attn_unit=cfg.attn_unit,
@@ -256,7 +262,7 @@ def stream_prune(spec: str, cfg, calib, out_dir, dtype: str = "float32", gradien
             dest = Path(tmp) if r == cfg.rounds else Path(work) / f"round{r}"
             dest.mkdir(exist_ok=True)
             layout = stream_apply(sm, step, dest, batches, reconstruct=cfg.reconstruct, damp=cfg.damp,
-                                  means=means, progress=progress)
+                                  means=means, micro_batch=MICRO_BATCH, progress=progress)
             plan = compose(plan, step)
             rounds.append({"round": r, "ratio_of_current": round_ratio, "allocation": alloc.to_dict(),
                            "sensitivity": [s.to_dict() for s in sens] if sens else None,

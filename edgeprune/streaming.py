@@ -16,7 +16,6 @@ forward passes over decoder layers (a layer on ``meta`` cannot compute).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from edgeprune.errors import EdgePruneError
+from edgeprune.heap import trim_heap
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -180,27 +180,6 @@ class StreamedModel:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
-
-
-def trim_heap() -> None:
-    """Hand the memory freed by a layer's pass back to the OS (glibc's ``malloc_trim``; nothing elsewhere). glibc
-    keeps freed heap blocks below its (adaptive, up to 32 MiB) mmap threshold, and a pass's temporaries are such
-    blocks, so without this the process's resident size creeps up by what earlier layers' passes left behind."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc
-        return None
 
 
 def release(module: torch.nn.Module) -> None:

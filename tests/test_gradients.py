@@ -59,3 +59,41 @@ def test_checkpointing_gives_the_same_scores_as_without():
     with checkpointed_layers(lm.adapter) as on:
         assert on and all(m.gradient_checkpointing for m in lm.model.model.layers)
         assert not lm.model.model.layers[0].mlp.training  # submodules (dropout) stay in eval mode
+
+
+def _grads(lm, batches, chunk_bytes):
+    from edgeprune.scoring.calibration import backward_next_token_loss
+
+    params = [p for n, p in lm.model.named_parameters() if ".layers." in n]
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    try:
+        backward_next_token_loss(lm.model, batches, micro_batch=3, progress=False, chunk_bytes=chunk_bytes)
+        return [p.grad.clone() for p in params]
+    finally:
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+
+
+def test_chunked_logits_give_the_unchunked_gradients():
+    """The loss backpropagated a few positions' logits at a time (and once through the layers) gives the same
+    gradients as one cross-entropy over all logits, for a plain head and Gemma's softcapped one."""
+    for family in ("llama", "gemma3_text"):
+        lm = build_tiny(family)
+        lm.model.requires_grad_(False)
+        if family == "gemma3_text":
+            lm.model.config.final_logit_softcapping = 3.0  # small, so the cap bends the tiny model's logits
+        batches = calibration_batches(lm.tokenizer, load_text("builtin", "calib"), 6, 32, seed=0)
+        vocab = lm.model.get_output_embeddings().weight.shape[0]
+        full = _grads(lm, batches, None)
+        chunked = _grads(lm, batches, 4 * vocab * 5)  # 5 positions per chunk: chunks cross the windows' ends
+        assert len(full) > 4
+        for a, b in zip(full, chunked, strict=True):  # float32 rounding: other GEMM shapes, other sum orders
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
+        if family == "gemma3_text":  # the cap matters: without it the gradients differ
+            lm.model.config.final_logit_softcapping = None
+            other = _grads(lm, batches, None)
+            assert not all(torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
+                           for a, b in zip(full, other, strict=True))

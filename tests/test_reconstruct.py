@@ -57,3 +57,20 @@ def test_reconstructed_checkpoint_reloads(tiny, tmp_path):
     again = load(str(tmp_path / "ck"))
     assert again.adapter.layers[0].attention_projections().o.bias is not None  # the refit's bias survives
     assert output_error(again.model, tiny.model, HELD_OUT) < 1e-10
+
+
+def test_bias_refit_mean_equals_the_gram_ones_column(tiny):
+    """The down_proj bias refit reads its inputs' mean (no (d+1)^2 Gram): the Gram's ones column over its count."""
+    from edgeprune.data import calibration_batches, load_text
+    from edgeprune.reconstruct import gram_of_input, mean_of_input
+    from edgeprune.scoring.calibration import capture_layer0_inputs
+
+    batches = calibration_batches(tiny.tokenizer, load_text("builtin", "calib"), 4, 32, seed=0)
+    inputs = capture_layer0_inputs(tiny.adapter, batches, 2)
+    layer = tiny.adapter.layers[0]
+    down = layer.mlp_projections().down
+    gram = gram_of_input(layer.layer, down, inputs)
+    d = down.in_features
+    assert gram[d, d] == 4 * 32
+    torch.testing.assert_close(mean_of_input(layer.layer, down, inputs), gram[:d, d] / gram[d, d], rtol=1e-12,
+                               atol=1e-15)

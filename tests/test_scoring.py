@@ -86,3 +86,44 @@ def test_scores_roundtrip_json(tiny, batches):
     back = UnitScores.from_dict(s.to_dict())
     assert torch.allclose(back.layers[2].channels, s.layers[2].channels)
     assert back.layers[0].blocks["layer"] > 0
+
+
+def test_chunked_weight_terms_and_statistics_equal_the_whole_ones(monkeypatch):
+    """The per-weight terms (magnitude, Taylor, column norms, outlier ratios) summed over chunks of rows and the
+    head energies over chunks of tokens equal the sums over whole tensors (the tiny model's weights fit in one
+    chunk by default; here every chunk is one head's rows or one token)."""
+    import edgeprune.scoring.base as base
+    import edgeprune.scoring.calibration as calibration
+    from edgeprune.data import calibration_batches, load_text
+    from edgeprune.models.tiny import build_tiny
+    from edgeprune.scoring import make_scorer, score_model
+    from edgeprune.scoring.calibration import accumulate_gradients
+    from edgeprune.scoring.scorers import TaylorScorer
+
+    lm = build_tiny("qwen2")
+    batches = calibration_batches(lm.tokenizer, load_text("builtin", "calib"), 4, 32, seed=0)
+    grads = accumulate_gradients(lm.adapter, batches, progress=False)  # full gradients: the streamed lens's path
+
+    def run():
+        out = []
+        for name in ("piem", "taylor", "magnitude", "wanda-sp", "fluctuation"):
+            s = score_model(lm.adapter, make_scorer(name), batches, progress=False, block_stats=True)
+            out += [(name, i, layer) for i, layer in enumerate(s.layers)]
+        with torch.no_grad():
+            out += [("taylor-grads", i, TaylorScorer().score_layer(x, None, grads))
+                    for i, x in enumerate(lm.adapter.layers)]
+        return out
+
+    whole = run()
+    layer = lm.adapter.layers[0]
+    assert len(base.row_chunks(*layer.mlp_projections().gate.weight.shape)) == 1  # one chunk: the whole weight
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 1)  # one head's rows (or one row) per chunk
+    monkeypatch.setattr(calibration, "ENERGY_CHUNK_BYTES", 1)  # one token per chunk
+    assert len(base.row_chunks(*layer.mlp_projections().gate.weight.shape, multiple=layer.head_dim)) > 4
+    chunked = run()
+    for (name, i, a), (_, _, b) in zip(whole, chunked, strict=True):
+        for kind in ("groups", "heads", "channels"):
+            # float64 sums in another order; the head energies and Taylor products are float32 (einsum/GEMM blocking)
+            torch.testing.assert_close(getattr(b, kind), getattr(a, kind), rtol=1e-6, atol=1e-12,
+                                       msg=f"{name} layer {i} {kind}")
+        assert b.blocks == pytest.approx(a.blocks, rel=1e-6)

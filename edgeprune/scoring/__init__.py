@@ -31,6 +31,7 @@ def score_model(adapter, scorer, batches, micro_batch: int = 8, progress: bool =
     per-unit sums (for the fisher sensitivity)."""
     import torch
 
+    from edgeprune.heap import trim_heap
     from edgeprune.scoring.base import UnitScores, outlier_ratio
     from edgeprune.scoring.calibration import layerwise
     from edgeprune.scoring.gradients import unit_taylor
@@ -39,6 +40,7 @@ def score_model(adapter, scorer, batches, micro_batch: int = 8, progress: bool =
     grads = None
     if scorer.needs_gradients:
         grads = unit_taylor(adapter, batches, micro_batch=max(1, micro_batch // 2), progress=progress)
+        trim_heap()  # the backward passes' temporaries, before the statistics pass allocates its own
     layers = []
     with torch.no_grad():
         if scorer.needs_activations or block_stats or compensation is not None:
@@ -50,6 +52,7 @@ def score_model(adapter, scorer, batches, micro_batch: int = 8, progress: bool =
                         "attention": stats.attn_in.mean.float().cpu() if stats.attn_in is not None else None,
                         "mlp": stats.mlp_in.mean.float().cpu() if stats.mlp_in is not None else None}
                 layers.append(_on_cpu(s))
+                trim_heap()
         else:
             for layer in adapter.layers:
                 layers.append(_on_cpu(scorer.score_layer(layer, None, grads)))

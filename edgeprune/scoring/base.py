@@ -99,20 +99,58 @@ def reduce_weights(layer, **tensors):
     return combine_unit_sums(layer, {r: unit_sums(layer, r, t) for r, t in tensors.items() if t is not None})
 
 
+CHUNK_ELEMENTS = 2**19  # elements of a per-weight temporary at a time (4 MiB in float64)
+
+
+def row_chunks(n_rows: int, n_cols: int, multiple: int = 1, elements: int | None = None) -> list[slice]:
+    """Slices of a weight's rows, each about ``elements`` (default ``CHUNK_ELEMENTS``) elements and a multiple of
+    ``multiple`` rows."""
+    step = max(multiple, (elements or CHUNK_ELEMENTS) // max(n_cols, 1) // multiple * multiple)
+    return [slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
+
+
+def chunked_unit_sums(layer, role: str, shape, part, dtype=None) -> torch.Tensor:
+    """``unit_sums`` of the per-element tensor of a projection weight of ``shape`` that ``part(rows)`` gives for
+    a slice of its rows, computed one chunk of rows (whole heads) at a time, so the per-element tensor never
+    exists whole: heads and rows of q/k/v/gate/up are concatenated, the column sums of o/down added up.
+    ``dtype``: the sums' dtype (default the parts'). The same sums as ``unit_sums`` up to float rounding."""
+    h, d = layer.num_heads, layer.head_dim
+    pieces, total = [], None
+    for rows in row_chunks(shape[0], shape[1], d):
+        t = part(rows)
+        if role in ("q", "k", "v"):
+            pieces.append(t.view(-1, d, t.shape[-1]).sum((1, 2), dtype=dtype))
+        elif role in ("gate", "up"):
+            pieces.append(t.sum(1, dtype=dtype))
+        else:
+            s = t.view(t.shape[0], h, d).sum((0, 2), dtype=dtype) if role == "o" else t.sum(0, dtype=dtype)
+            total = s if total is None else total + s
+        del t
+    return torch.cat(pieces) if pieces else total
+
+
+def column_sums(weight: torch.Tensor, fn) -> torch.Tensor:
+    """sum over rows of ``fn(weight[rows])`` (float64 per-element terms of a weight, e.g. its squares), one
+    chunk of rows at a time."""
+    total = None
+    for rows in row_chunks(weight.shape[0], weight.shape[1]):
+        s = fn(weight[rows].detach()).sum(0)
+        total = s if total is None else total + s
+    return total
+
+
 def reduce_per_projection(layer, elementwise):
-    """``reduce_weights`` of ``elementwise(role, linear)`` for every projection of the layer, computed and summed
-    one projection at a time, so only one such tensor (typically a float64 copy of one weight) exists at once;
-    the same sums as building them all first."""
+    """``reduce_weights`` of ``elementwise(role, linear, rows)`` (the per-element terms of rows ``rows`` of the
+    projection's weight, typically a float64 copy worked on in place) for every projection of the layer,
+    computed one projection and one chunk of its rows at a time (``chunked_unit_sums``), so only a few MiB of
+    such terms exist at once; the same sums as building them all first, up to float rounding."""
     projections = {}
     if layer.has_attention:
         projections.update(layer.attention_projections()._asdict())
     if layer.has_mlp:
         projections.update(layer.mlp_projections()._asdict())
-    sums = {}
-    for role, lin in projections.items():
-        t = elementwise(role, lin)
-        sums[role] = unit_sums(layer, role, t)
-        del t
+    sums = {role: chunked_unit_sums(layer, role, lin.weight.shape, lambda rows, r=role, m=lin: elementwise(r, m, rows))
+            for role, lin in projections.items()}
     return combine_unit_sums(layer, sums)
 
 
@@ -145,8 +183,8 @@ def normalise(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def outlier_ratio(layer, stats, m: float = 5.0) -> float:
     """OWL's layer outlier ratio: the share of Wanda scores |W_ij| * ||X_j|| above m times their layer mean.
-    Two passes over the projections (the sum, then the count above the threshold), each holding one projection's
-    float64 scores at a time."""
+    Two passes over the projections (the sum, then the count above the threshold), each holding one chunk of
+    rows' float64 scores at a time (``row_chunks``)."""
     pairs = []
     if layer.has_attention:
         a = layer.attention_projections()
@@ -157,10 +195,12 @@ def outlier_ratio(layer, stats, m: float = 5.0) -> float:
     if not pairs:
         return 0.0
 
-    def wanda(lin, s):
-        return lin.weight.detach().abs().double() * s.sumsq.sqrt()[None, :]
+    def wanda_chunks(lin, s):  # float64 Wanda scores of one chunk of rows at a time
+        norm = s.sumsq.sqrt()[None, :]
+        for rows in row_chunks(*lin.weight.shape):
+            yield lin.weight[rows].detach().abs().double() * norm
 
-    total = sum(wanda(lin, s).sum() for lin, s in pairs)
+    total = sum(x.sum() for lin, s in pairs for x in wanda_chunks(lin, s))
     count = sum(lin.weight.numel() for lin, _ in pairs)
     mean = total / count
-    return float(sum((wanda(lin, s) > m * mean).sum() for lin, s in pairs) / count)
+    return float(sum((x > m * mean).sum() for lin, s in pairs for x in wanda_chunks(lin, s)) / count)

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from edgeprune.adapters.base import LayerAdapter, ModelAdapter, weight_source
+from edgeprune.heap import trim_heap
+
+ENERGY_CHUNK_BYTES = 8 * 2**20  # float64 per-head products of the head-energy statistics, per chunk of tokens
 
 
 class _StopForward(Exception):
@@ -124,16 +127,22 @@ def collect_layer_stats(layer: LayerAdapter, inputs: list) -> tuple[LayerStats, 
         stats.group_energy = torch.zeros(n_kv, dtype=torch.float64, device=dev)
         w = o.weight.detach().view(o.out_features, n_heads, head_dim).float()  # float32 products for bf16 too
 
+        # tokens per chunk of the per-head products: their float64 copy at most ENERGY_CHUNK_BYTES
+        step = max(1, ENERGY_CHUNK_BYTES // (8 * n_heads * o.out_features))
+
         def attn_hook(_m, args):
             x = args[0]
             stats.attn_in.update(x)
-            xh = x.reshape(-1, n_heads, head_dim).float()
-            y = torch.einsum("thd,ohd->tho", xh, w)  # each head's contribution to the residual
-            del xh
-            yg = y.view(y.shape[0], n_kv, n_heads // n_kv, -1).sum(2)
-            stats.head_energy.add_(y.double().square_().sum((0, 2)))  # the float32 y and one float64 copy
-            del y
-            stats.group_energy.add_(yg.double().square_().sum((0, 2)))
+            x = x.reshape(-1, n_heads, head_dim)
+            for t in range(0, x.shape[0], step):
+                xh = x[t:t + step].float()
+                y = torch.einsum("thd,ohd->tho", xh, w)  # each head's contribution to the residual
+                del xh
+                yg = y.view(y.shape[0], n_kv, n_heads // n_kv, -1).sum(2)
+                stats.head_energy.add_(y.double().square_().sum((0, 2)))  # the float32 y and one float64 copy
+                del y
+                stats.group_energy.add_(yg.double().square_().sum((0, 2)))
+                del yg
 
         handles.append(o.register_forward_pre_hook(attn_hook))
     if layer.has_mlp:
@@ -183,25 +192,100 @@ def layerwise(adapter: ModelAdapter, batches: torch.Tensor, micro_batch: int = 8
         yield layer, stats
 
 
-def backward_next_token_loss(model, batches: torch.Tensor, micro_batch: int = 4, progress: bool = True) -> int:
+LOGIT_CHUNK_BYTES = 8 * 2**20  # float32 logits per lm_head product of a chunked next-token loss
+# logit post-processing that ``head_logits`` does not reproduce: such models take the unchunked loss
+_OTHER_HEADS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits for lm_head inputs ``hidden`` (after the final norm), in float32, computed as its
+    forward computes them: lm_head, then final-logit softcapping where the config asks for it (Gemma), in the
+    working dtype, then the float32 upcast the loss takes."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
+
+
+def _chunkable(model) -> bool:
+    cfg = model.config
+    return model.get_output_embeddings() is not None and not any(getattr(cfg, k, None) for k in _OTHER_HEADS)
+
+
+def lm_head_inputs(model, ids: torch.Tensor) -> torch.Tensor:
+    """Run ``model`` on ``ids`` up to its lm_head and return the lm_head's input (the final-normed hidden states,
+    with their autograd graph when gradients are on); the full-vocabulary logits are never formed."""
+    captured = []
+
+    def hook(_module, args):
+        captured.append(args[0])
+        raise _StopForward
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def chunked_next_token_loss(model, ids: torch.Tensor, n_total: int, chunk_bytes: int = LOGIT_CHUNK_BYTES) -> None:
+    """Backpropagate the summed next-token cross-entropy of ``ids`` divided by ``n_total`` through ``model`` without forming
+    the full-vocabulary logits: the body runs once up to lm_head's input, the loss is backpropagated to that
+    input in chunks of positions (each chunk's float32 logits at most ``chunk_bytes``; a position's logits depend
+    on that position only, so the chunks' gradients do not overlap), then once through the body. The same
+    gradients as one ``cross_entropy`` over all logits, up to float rounding; one backward pass through the
+    decoder layers (what post-accumulate-grad hooks see)."""
+    hidden = lm_head_inputs(model, ids)
+    if not hidden.requires_grad:
+        raise RuntimeError("no parameter below lm_head requires a gradient")
+    width = hidden.shape[-1]
+    rows = hidden[:, :-1].detach().reshape(-1, width).requires_grad_(True)  # a leaf: chunks backprop to it
+    targets = ids[:, 1:].reshape(-1)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    step = max(1, chunk_bytes // (4 * vocab))
+    for c in range(0, rows.shape[0], step):
+        logits = head_logits(model, rows[c:c + step])
+        loss = torch.nn.functional.cross_entropy(logits, targets[c:c + step].to(logits.device),
+                                                 reduction="sum") / n_total
+        del logits
+        loss.backward()
+        del loss
+    grad = torch.zeros_like(hidden)
+    grad[:, :-1] = rows.grad.view(hidden.shape[0], hidden.shape[1] - 1, width)
+    del rows
+    trim_heap()  # the chunks' freed logits, before the backward pass through the layers allocates its own
+    hidden.backward(grad)
+
+
+def backward_next_token_loss(model, batches: torch.Tensor, micro_batch: int = 4, progress: bool = True,
+                             chunk_bytes: int | None = LOGIT_CHUNK_BYTES) -> int:
     """Backpropagate the mean next-token loss over all of ``batches``, one micro-batch's graph at a time (each
-    backward pass adds its share to the gradients, or feeds post-accumulate-grad hooks). Returns the number of
-    backward passes."""
+    backward pass adds its share to the gradients, or feeds post-accumulate-grad hooks). The logits are formed
+    ``chunk_bytes`` of float32 at a time (``chunked_next_token_loss``; None: all of a micro-batch's at once, as
+    do models whose logit post-processing ``head_logits`` does not know). Returns the number of backward passes."""
     from tqdm.auto import tqdm
 
     from edgeprune.models.placement import input_device
 
     device = input_device(model)
     n_total = batches[:, 1:].numel()
+    chunked = chunk_bytes is not None and _chunkable(model)
     passes = 0
     for b in tqdm(range(0, batches.shape[0], micro_batch), desc="gradients", unit="batch",
                   disable=not progress, leave=False):
         ids = batches[b : b + micro_batch].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum") / n_total
-        del logits
-        loss.backward()
+        if chunked:
+            chunked_next_token_loss(model, ids, n_total, chunk_bytes)
+        else:
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum") / n_total
+            del logits
+            loss.backward()
         passes += 1
     return passes
 

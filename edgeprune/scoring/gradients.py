@@ -3,8 +3,10 @@
 A hook on every decoder projection weight (``register_post_accumulate_grad_hook``) folds the weight's gradient
 into per-unit sums of |w * dL/dw| as soon as the backward pass has produced it, then frees it (``p.grad = None``).
 Gradient checkpointing of the decoder layers keeps one micro-batch's layer inputs and recomputes the rest during
-the backward pass. Peak memory: the model in its working dtype, one micro-batch's activations (its logits are the
-largest part), one projection's gradient, and O(units) float64 accumulators.
+the backward pass. Peak memory: the model in its working dtype, one micro-batch's checkpointed layer inputs and one layer's
+recomputed activations, chunks of float32 logits (``calibration.chunked_next_token_loss``: the full-vocabulary
+logits are never formed), one projection's gradient with a few MiB of float32 products at a time, and O(units)
+float64 accumulators.
 
 The sum is taken per backward pass (micro-batch b): the term is sum_b sum_{w in u} |w * g_b|. With one backward
 pass over all calibration windows this is exactly the full-gradient Taylor score |w * sum_b g_b| summed over the
@@ -20,22 +22,8 @@ from contextlib import contextmanager
 import torch
 
 from edgeprune.adapters.base import weight_source
-from edgeprune.scoring.base import LayerUnitScores
+from edgeprune.scoring.base import LayerUnitScores, chunked_unit_sums
 from edgeprune.scoring.calibration import backward_next_token_loss
-
-
-def _reduce(name: str, layer, prod: torch.Tensor) -> torch.Tensor:
-    """Sum a per-element tensor shaped like projection ``name``'s weight into that projection's units (float64):
-    q and o per query head, k and v per KV head, gate and up per row, down per column (a channel)."""
-    h, kv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
-    f64 = torch.float64
-    if name == "q":
-        return prod.view(h, d, -1).sum((1, 2), dtype=f64)
-    if name in ("k", "v"):
-        return prod.view(kv, d, -1).sum((1, 2), dtype=f64)
-    if name == "o":
-        return prod.view(prod.shape[0], h, d).sum((0, 2), dtype=f64)
-    return prod.sum(0 if name == "down" else 1, dtype=f64)
 
 
 class UnitTaylor:
@@ -47,8 +35,10 @@ class UnitTaylor:
         self.backward_passes = 0
 
     def add(self, layer, name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
-        prod = (weight.detach().float() * grad.float()).abs_()  # float32 products, float64 sums
-        part = _reduce(name, layer, prod)
+        def prod(rows):  # float32 products of one chunk of rows (whole heads), float64 sums
+            return (weight[rows].detach().float() * grad[rows].float()).abs_()
+
+        part = chunked_unit_sums(layer, name, weight.shape, prod, torch.float64)
         parts = self.parts.setdefault(layer.index, {})
         parts[name] = part if name not in parts else parts[name] + part
 

@@ -8,6 +8,7 @@ from edgeprune.scoring.base import (
     LayerUnitScores,
     Scorer,
     block_scores,
+    column_sums,
     normalise,
     reduce_features,
     reduce_per_projection,
@@ -20,10 +21,14 @@ def _f64(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _col_norm_sq(layer):
-    """||W[:, j]||^2 of o_proj and down_proj: how strongly input feature j writes into the residual stream."""
-    o = layer.attention_projections().o.weight.detach().double() if layer.has_attention else None
-    down = layer.mlp_projections().down.weight.detach().double() if layer.has_mlp else None
-    return (None if o is None else o.pow(2).sum(0)), (None if down is None else down.pow(2).sum(0))
+    """||W[:, j]||^2 of o_proj and down_proj: how strongly input feature j writes into the residual stream
+    (float64, summed over chunks of rows)."""
+    def sq(w):
+        return _f64(w).square_()
+
+    o = column_sums(layer.attention_projections().o.weight, sq) if layer.has_attention else None
+    down = column_sums(layer.mlp_projections().down.weight, sq) if layer.has_mlp else None
+    return o, down
 
 
 class MagnitudeScorer(Scorer):
@@ -32,7 +37,7 @@ class MagnitudeScorer(Scorer):
     name = "magnitude"
 
     def score_layer(self, layer, stats, grads):
-        g, h, c = reduce_per_projection(layer, lambda _r, lin: _f64(lin.weight).square_())
+        g, h, c = reduce_per_projection(layer, lambda _r, lin, rows: _f64(lin.weight[rows]).square_())
         def sqrt(t):
             return (None if t is None else t.sqrt())
         return LayerUnitScores(sqrt(g), sqrt(h), sqrt(c), block_scores(stats))
@@ -48,7 +53,7 @@ class TaylorScorer(Scorer):
         if hasattr(grads, "layer_scores"):  # per-unit sums folded during the backward pass (scoring.gradients)
             return grads.layer_scores(layer, block_scores(stats))
         g, h, c = reduce_per_projection(
-            layer, lambda r, lin: _f64(lin.weight).mul_(grads[f"{layer.index}.{r}"].double()).abs_())
+            layer, lambda r, lin, rows: _f64(lin.weight[rows]).mul_(grads[f"{layer.index}.{r}"][rows].double()).abs_())
         return LayerUnitScores(g, h, c, block_scores(stats))
 
 
@@ -61,11 +66,11 @@ class WandaSPScorer(Scorer):
     def score_layer(self, layer, stats, grads):
         attn = mlp = None
         if layer.has_attention:
-            o = layer.attention_projections().o.weight.detach().double()
-            attn = o.abs().sum(0) * stats.attn_in.sumsq.sqrt()
+            o = layer.attention_projections().o.weight
+            attn = column_sums(o, lambda w: _f64(w).abs_()) * stats.attn_in.sumsq.sqrt()
         if layer.has_mlp:
-            down = layer.mlp_projections().down.weight.detach().double()
-            mlp = down.abs().sum(0) * stats.mlp_in.sumsq.sqrt()
+            down = layer.mlp_projections().down.weight
+            mlp = column_sums(down, lambda w: _f64(w).abs_()) * stats.mlp_in.sumsq.sqrt()
         return LayerUnitScores(*reduce_features(layer, attn, mlp), block_scores(stats))
 
 
