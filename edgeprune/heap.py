@@ -1,11 +1,14 @@
-"""Hand freed heap memory back to the OS between passes (glibc's ``malloc_trim``).
+"""Hand memory back to the OS between passes: freed heap blocks (glibc's ``malloc_trim``) and the
+memory-mapped checkpoint pages of weights that surgery replaced (``release_file_pages``).
 
-It does not free anything itself, track allocations or limit memory; on a C library other than glibc it does
-nothing.
+It does not free any tensor itself, track allocations or limit memory; on a C library other than glibc, or
+without ``/proc``, it does nothing.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 
 
@@ -20,11 +23,96 @@ def trim_heap() -> None:
 
 @functools.cache
 def _malloc_trim():
-    import ctypes
-    import ctypes.util
-
     name = ctypes.util.find_library("c")
     try:
         return ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):  # not glibc
         return None
+
+
+def storage_ranges(module) -> list[tuple[int, int]]:
+    """(address, bytes) of the CPU storages behind a module's parameters and buffers."""
+    out = []
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type == "cpu":
+            s = t.untyped_storage()
+            if s.nbytes():
+                out.append((s.data_ptr(), s.nbytes()))
+    return out
+
+
+def release_file_pages(dead: list[tuple[int, int]], live: list[tuple[int, int]]) -> int:
+    """Drop from this process the pages of storages that surgery has replaced, where they are pages of a
+    memory-mapped safetensors file. transformers maps a checkpoint's tensors straight from the file (zero-copy);
+    such a file stays mapped while any tensor of it lives (a layer's norms, the embeddings), so the pages of the
+    cut weights stay resident, although nothing reads them again. ``dead``: the (address, bytes) of the storages
+    before the cut (``storage_ranges``); ``live``: those of every storage still in use. Only whole pages inside a
+    dead range, outside every live range and inside a ``*.safetensors`` file mapping (``/proc/self/maps``) are
+    released (``madvise(MADV_DONTNEED)``: the data stays in the file and the page cache; a read would fault the
+    file's bytes back in). Returns the bytes released; nothing on systems without ``/proc`` or ``madvise``."""
+    maps = _file_maps()
+    libc = _libc()
+    if not maps or libc is None:
+        return 0
+    page = _page_size()
+    live = sorted(live)
+    released = 0
+    for addr, size in dead:
+        start, end = -(-addr // page) * page, (addr + size) // page * page
+        for ms, me in maps:
+            lo, hi = max(start, ms), min(end, me)
+            for a, b in _minus(lo, hi, live, page):
+                if libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), MADV_DONTNEED) == 0:
+                    released += b - a
+    return released
+
+
+MADV_DONTNEED = 4  # Linux
+
+
+def _minus(lo: int, hi: int, live: list[tuple[int, int]], page: int) -> list[tuple[int, int]]:
+    """[lo, hi) without the pages that overlap any live range (page-aligned pieces)."""
+    pieces, cur = [], lo
+    for addr, size in live:
+        a, b = addr // page * page, -(-(addr + size) // page) * page  # the live range's pages, rounded outward
+        if b <= cur or a >= hi:
+            continue
+        if a > cur:
+            pieces.append((cur, a))
+        cur = max(cur, b)
+    if cur < hi:
+        pieces.append((cur, hi))
+    return [(a, b) for a, b in pieces if b > a]
+
+
+def _file_maps() -> list[tuple[int, int]]:
+    try:
+        lines = open("/proc/self/maps").read().splitlines()  # noqa: SIM115
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].endswith(".safetensors"):
+            lo, hi = parts[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name, use_errno=True) if name else None
+        if libc is not None:
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+@functools.cache
+def _page_size() -> int:
+    import mmap
+
+    return mmap.PAGESIZE

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from edgeprune.heap import trim_heap
+from edgeprune.heap import release_file_pages, storage_ranges, trim_heap
 from edgeprune.plan import PruningPlan
 from edgeprune.scoring.calibration import capture_layer0_inputs, run_layer
-from edgeprune.surgery import cut_attention, cut_mlp, unit_dims
+from edgeprune.surgery import cut_attention, cut_mlp, drop_layers, unit_dims
 
 
 class _Gram:
@@ -57,16 +57,19 @@ def refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, k
           damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """New (weight over the kept columns, bias) minimising the output error on the Gram's tokens."""
     d = weight.shape[1]
-    w_aug = torch.cat([weight.double(), (bias.double() if bias is not None else
-                                         torch.zeros(weight.shape[0], dtype=torch.float64,
-                                                     device=weight.device))[:, None]], 1)
-    k = torch.cat([keep.long(), torch.tensor([d])])  # kept columns plus the ones column (the bias)
-    gkk = gram[k][:, k].clone()
+    k = torch.cat([keep.long(), torch.tensor([d])]).to(gram.device)  # kept columns plus the ones column (the bias)
+    # float64 temporaries of ~(d+1)^2 each (33 MiB at d = 2048): at most four alive at once
+    gk = gram.index_select(1, k)  # (d+1, |k|)
+    rhs = weight.double() @ gk[:d]  # [W b] @ G[:, k], the bias row added below: (out, |k|)
+    if bias is not None:
+        rhs += bias.double()[:, None] * gk[d][None, :]
+    gkk = gk.index_select(0, k)
+    del gk
     diag = gkk.diagonal()
     lam = damp * diag[:-1].mean() if len(k) > 1 else 0.0
     diag[:-1] += lam + 1e-10
-    rhs = w_aug @ gram[:, k]  # (out, |k|)
     new = torch.linalg.solve(gkk, rhs.T).T  # gkk is symmetric positive definite
+    del gkk, rhs
     return new[:, :-1].to(weight.dtype), new[:, -1].to(weight.dtype)
 
 
@@ -152,13 +155,13 @@ def apply_plan_reconstruct(adapter, plan: PruningPlan, batches: torch.Tensor, mi
                           disable=not progress, leave=False):
         if lp.drop:  # a dropped layer passes its input through
             continue
+        old = storage_ranges(layer.layer)
         reconstruct_layer(layer, lp, inputs, damp, mlp_weights)
         with torch.no_grad():
             inputs = [(run_layer(layer.layer, hidden, kw), kw) for hidden, kw in inputs]
         record.append(lp.index)
+        release_file_pages(old, storage_ranges(adapter.model))  # the cut weights' mapped checkpoint pages
         trim_heap()  # the refit's Gram matrices and the cut weights' old storage
-    drops = [lp.index for lp in plan.layers if lp.drop]
-    if drops:
-        adapter.drop_layers(drops)
+    drop_layers(adapter, [lp.index for lp in plan.layers if lp.drop])
     adapter.sync_config()
     return {"refit_layers": record, "damp": damp}

@@ -37,18 +37,31 @@ def apply_plan(adapter, plan: PruningPlan, attention_bias: dict | None = None,
                mlp_bias: dict | None = None) -> None:
     """Prune ``adapter.model`` in place. Optional per-layer bias vectors (bias compensation) are added to the
     output projections of the pruned blocks."""
+    from edgeprune.heap import release_file_pages, storage_ranges
+
     plan.validate(adapter)
     attention_bias, mlp_bias = attention_bias or {}, mlp_bias or {}
     with torch.no_grad():
         for layer, lp in zip(adapter.layers, plan.layers, strict=True):
             if lp.drop:
                 continue
+            old = storage_ranges(layer.layer)
             cut_attention(layer, lp, attention_bias.get(lp.index))
             cut_mlp(layer, lp, mlp_bias.get(lp.index))
-    drops = [lp.index for lp in plan.layers if lp.drop]
-    if drops:
-        adapter.drop_layers(drops)
+            release_file_pages(old, storage_ranges(adapter.model))  # the cut weights' mapped checkpoint pages
+    drop_layers(adapter, [lp.index for lp in plan.layers if lp.drop])
     adapter.sync_config()
+
+
+def drop_layers(adapter, drops: list[int]) -> None:
+    """``adapter.drop_layers`` that also releases the dropped layers' mapped checkpoint pages."""
+    from edgeprune.heap import release_file_pages, storage_ranges
+
+    if not drops:
+        return
+    old = [r for i in drops for r in storage_ranges(adapter.layers[i].layer)]
+    adapter.drop_layers(drops)
+    release_file_pages(old, storage_ranges(adapter.model))
 
 
 def cut_attention(layer, lp, bias: torch.Tensor | None = None) -> bool:

@@ -173,3 +173,58 @@ def test_per_layer_checkpoint_loads_without_prompting(tiny, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "custom code" not in p.stdout + p.stderr
     assert "num_heads=0" in p.stdout
+
+
+def test_cut_weights_mapped_pages_are_released_and_the_model_is_unchanged(tmp_path, monkeypatch):
+    """A checkpoint loaded zero-copy from safetensors: surgery releases the mapped pages of the weights it
+    replaced (madvise on whole pages of dead storages only), and the pruned model computes exactly what it
+    computes without the release; the dropped layer's pages go too."""
+    import edgeprune.heap as heap
+    import edgeprune.reconstruct as reconstruct
+    from edgeprune.data import calibration_batches, load_text
+    from edgeprune.models.tiny import build_tiny
+
+    big = build_tiny("llama", hidden_size=256, intermediate_size=2048, num_attention_heads=8,
+                     num_key_value_heads=4, num_hidden_layers=3)
+    ckpt = save_checkpoint(big, tmp_path / "ck", {})
+    plan = PruningPlan.identity(big.adapter)
+    for lp in plan.layers[:2]:
+        lp.channels, lp.heads, lp.kv_heads = lp.channels[::2], lp.heads[:4], lp.kv_heads[:2]
+    plan.layers[2].drop = True
+    batches = calibration_batches(big.tokenizer, load_text("builtin", "calib"), 2, 32, seed=0)
+    ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    released, real = [], heap.release_file_pages
+
+    def spy(dead, live):
+        released.append(real(dead, live))
+        return released[-1]
+
+    outs = {}
+    for mode in ("none", "release"):
+        monkeypatch.setattr(heap, "release_file_pages", spy if mode == "release" else lambda dead, live: 0)
+        monkeypatch.setattr(reconstruct, "release_file_pages", heap.release_file_pages)
+        for how in ("plain", "refit"):
+            lm = load(str(ckpt))
+            assert heap._file_maps()  # the weights are mapped from the checkpoint's file
+            with torch.no_grad():
+                lm.model(ids)  # every page read once
+            p = copy.deepcopy(plan)
+            if how == "plain":
+                apply_plan(lm.adapter, p)
+            else:
+                reconstruct.apply_plan_reconstruct(lm.adapter, p, batches, progress=False)
+            with torch.no_grad():
+                outs[mode, how] = lm.model(ids).logits
+    for how in ("plain", "refit"):
+        assert torch.equal(outs["release", how], outs["none", how])
+    assert sum(released) > 2 * 256 * 2048 * 4  # at least the cut MLP weights of one layer, both passes
+
+
+def test_release_never_touches_live_pages():
+    from edgeprune.heap import _minus
+
+    page = 4096
+    assert _minus(0, 10 * page, [], page) == [(0, 10 * page)]
+    # a live range partly on pages 2 and 5: pages 2..5 stay
+    assert _minus(0, 10 * page, [(2 * page + 100, 3 * page)], page) == [(0, 2 * page), (6 * page, 10 * page)]
+    assert _minus(3 * page, 4 * page, [(0, 10 * page)], page) == []
