@@ -1,13 +1,17 @@
-"""Where the streamed prune's memory goes: the peak RSS of ``stream_prune`` phase by phase.
+"""Where the prune's memory goes: the peak RSS of ``stream_prune`` (``--mode stream``) or of ``load`` +
+``prune_model`` + ``save_checkpoint`` (``--mode memory``) phase by phase.
 
-Model: bench/scale.py's random-initialised Qwen2.5-0.5B-shaped Llama checkpoint (24 layers of 14.9M parameters,
-a 136M-parameter tied embedding), written once under --models. Recipe: bench/scale.py's (PIEM + LSPS with Block
-Influence, ratio 0.2, one round, 8 x 128 tokens of the built-in text, no refit), the streamed gradient term
-``lens``. The run is one child process; it resets its VmHWM (``/proc/self/clear_refs``, Linux) on entering each
-phase and records the phase's peak above its entry RSS (max over layers), the largest entry RSS (what stays
-resident between passes) and the process's overall peak.
+Model: one of bench/scale.py's random-initialised Llama checkpoints (default the Qwen2.5-0.5B shape: 24 layers of
+14.9M parameters, a 136M-parameter tied embedding), written once under --models. Recipe: bench/scale.py's
+(PIEM + LSPS with Block Influence, ratio 0.2, one round, 8 x 128 tokens of the built-in text, the least-squares
+refit unless ``--no-refit``), the streamed gradient term ``lens``. The run is one child process; it resets its
+VmHWM (``/proc/self/clear_refs``, Linux) on entering and leaving each phase and records the phase's peak above
+its entry RSS (max over calls; nested phases fold their peaks into the enclosing ones), the largest entry RSS
+(what stays resident between passes), the RSS after the imports (torch, transformers, accelerate, edgeprune and
+the Llama modeling code: the baseline that bench/scale.py subtracts) and the process's overall peak (VmHWM over
+the whole run).
 
-    .venv/bin/python bench/stream_memory.py [--dtype bfloat16] [--label after]
+    .venv/bin/python bench/stream_memory.py [--mode stream|memory] [--size 0.5b] [--dtype bfloat16] [--label now]
 
 Writes bench/results/stream_memory.json (one entry per --label; run it at an older commit with another label to
 compare). It does not measure time (the seconds are wall clock on a shared machine, printed with the load).
@@ -31,31 +35,50 @@ import json, sys, time
 def status(key):
     return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) / 1024
 
-PEAK, PH = [0.0], {}
+PEAK, PH, ACTIVE = [0.0], {}, []
 
-def reset():
-    PEAK[0] = max(PEAK[0], status("VmHWM:"))
+def reset():  # fold the peak since the last reset into the open phases, then start a new peak
+    hwm = status("VmHWM:")
+    PEAK[0] = max(PEAK[0], hwm)
+    for frame in ACTIVE:
+        frame[1] = max(frame[1], hwm)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
 def wrap(owner, name, label=None):
     fn = getattr(owner, name)
+    if getattr(fn, "_wrapped", False):
+        return
     def w(*a, **k):
         reset()
         rss0 = status("VmRSS:")
+        frame = [rss0, rss0]
+        ACTIVE.append(frame)
         try:
             return fn(*a, **k)
         finally:
-            hwm = status("VmHWM:")
-            p = PH.setdefault(label or name, {"calls": 0, "above_entry_mib": 0.0, "entry_mib": 0.0})
-            p["calls"] += 1
-            p["above_entry_mib"] = max(p["above_entry_mib"], hwm - rss0)
-            p["entry_mib"] = max(p["entry_mib"], rss0)
             reset()
+            del ACTIVE[next(i for i, f in enumerate(ACTIVE) if f is frame)]
+            p = PH.setdefault(label or name, {"calls": 0, "above_entry_mib": 0.0, "entry_mib": 0.0,
+                                              "peak_mib": 0.0})
+            p["calls"] += 1
+            p["above_entry_mib"] = max(p["above_entry_mib"], frame[1] - rss0)
+            p["entry_mib"] = max(p["entry_mib"], rss0)
+            p["peak_mib"] = max(p["peak_mib"], frame[1])
+    w._wrapped = True
     setattr(owner, name, w)
 
 import tempfile
+import torch, transformers, accelerate, safetensors.torch  # noqa: F401
+import transformers.models.llama.modeling_llama  # noqa: F401  (what transformers imports lazily for the model)
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+import edgeprune.checkpoint as checkpoint
+import edgeprune.models as models
+import edgeprune.prune as prune
+import edgeprune.reconstruct as reconstruct
 import edgeprune.scoring.base as base
+import edgeprune.scoring.calibration as calibration
+import edgeprune.scoring.gradients as gradients
 import edgeprune.scoring.scorers as scorers
 import edgeprune.stream_prune as sp
 import edgeprune.streaming as streaming
@@ -63,20 +86,31 @@ from edgeprune.data import load_text
 from edgeprune.prune import PruneConfig
 
 imports = status("VmRSS:")
-for name in ("capture_layer0_inputs", "lens_gradients", "collect_layer_stats", "reconstruct_layer"):
-    if hasattr(sp, name):
-        wrap(sp, name)
-wrap(base, "outlier_ratio")
+for owner, name in [(sp, "capture_layer0_inputs"), (sp, "lens_gradients"), (sp, "collect_layer_stats"),
+                    (calibration, "collect_layer_stats"), (sp, "reconstruct_layer"),
+                    (reconstruct, "reconstruct_layer"), (gradients, "unit_taylor"), (prune, "score_model"),
+                    (prune, "apply_plan_reconstruct"), (base, "outlier_ratio"), (sp, "stream_score"),
+                    (sp, "stream_apply")]:
+    if hasattr(owner, name):
+        wrap(owner, name)
 wrap(scorers.PIEMScorer, "score_layer", "piem_score_layer")
-wrap(streaming.StreamedModel, "_materialise", "materialise_layer")
+wrap(streaming.StreamedModel, "_materialise", "materialise")
 wrap(streaming.LayerShardWriter, "add", "write_shard")
-src, dtype, tmp = sys.argv[1:4]
+mode, src, dtype, tmp, refit = sys.argv[1:6]
 cfg = PruneConfig(ratio=0.2, scorer="piem", allocator="lsps", sensitivity="bi", n_samples=8, seq_len=128, rounds=1,
-                  reconstruct=False)
+                  reconstruct=refit == "1")
+text = load_text("builtin", "calib")
 t = time.perf_counter()
 with tempfile.TemporaryDirectory(dir=tmp) as d:
-    sp.stream_prune(src, cfg, load_text("builtin", "calib"), d + "/out", dtype=dtype, gradient="lens",
-                    progress=False)
+    if mode == "stream":
+        sp.stream_prune(src, cfg, text, d + "/out", dtype=dtype, gradient="lens", progress=False)
+    else:
+        wrap(models, "load")
+        wrap(checkpoint, "save_checkpoint")
+        wrap(prune, "prune_model")
+        lm = models.load(src, dtype=dtype)
+        prune.prune_model(lm, cfg, text, progress=False)
+        checkpoint.save_checkpoint(lm, d + "/out", {})
 reset()
 print(json.dumps({"seconds": time.perf_counter() - t, "rss_after_imports_mib": imports, "peak_mib": PEAK[0],
                   "phases": PH}))
@@ -85,19 +119,27 @@ print(json.dumps({"seconds": time.perf_counter() - t, "rss_after_imports_mib": i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", default="stream", choices=("stream", "memory"))
+    ap.add_argument("--size", default="0.5b")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--no-refit", action="store_true", help="prune without the least-squares refit")
     ap.add_argument("--label", default="now")
     ap.add_argument("--models", type=Path, default=Path("out/scale-models"))
     args = ap.parse_args()
     from scale import make_random, params_of
 
-    src = make_random("0.5b", args.models / f"0.5b-{args.dtype}", args.dtype)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(src), args.dtype, str(args.models)], capture_output=True,
-                          text=True, check=False)
+    src = make_random(args.size, args.models / f"{args.size}-{args.dtype}", args.dtype)
+    load = os.getloadavg()[0]
+    proc = subprocess.run([sys.executable, "-c", CHILD, args.mode, str(src), args.dtype, str(args.models),
+                           "0" if args.no_refit else "1"], capture_output=True, text=True, check=False)
     if proc.returncode:
         raise SystemExit(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "child failed")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    res.update(model="0.5b", dtype=args.dtype, load_average=os.getloadavg()[0], **params_of(src))
+    info = params_of(src)
+    width = 2 if args.dtype != "float32" else 4
+    res.update(model=args.size, mode=args.mode, dtype=args.dtype, refit=not args.no_refit, load_average=load,
+               load_average_end=os.getloadavg()[0], model_mib=info["params"] * width / 2**20,
+               peak_above_imports_mib=res["peak_mib"] - res["rss_after_imports_mib"], **info)
     old = json.loads((RESULTS / "stream_memory.json").read_text()) if (RESULTS / "stream_memory.json").is_file() \
         else {}
     old[args.label] = res

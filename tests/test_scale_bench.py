@@ -25,3 +25,17 @@ def test_targets_and_fit():
                       "load_average": [1.0]} for s, n in (("a", 10**8), ("b", 10**9))]
     fit = scale.fits(rows)["memory"]
     assert abs(fit["b"] - 3.0) < 1e-9 and abs(fit["c"] - 1e-7) < 1e-15
+
+
+def test_targets_are_checked_above_the_imports_baseline():
+    row = {"mode": "stream", "peak_rss_mib": 1024.0 + 300, "imports_rss_mib": 300.0, "model_bytes": 4 * 2**30,
+           "stream_target": 2**30}
+    assert scale.target_of(row)[1] is True
+    assert scale.target_of({**row, "imports_rss_mib": 299.0})[1] is False
+    full = {**row, "size": "x", "params": 2 * 10**9, "dtype": "bfloat16", "seconds": 10.0, "load_average": [1.0],
+            "score_peak_rss_mib": 1024.0 + 400}
+    line = scale.table([full]).splitlines()[-1]
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    # process peak, after imports, above imports, scoring above imports, above / model, target, met
+    assert cells[6:13] == ["1.29", "0.29", "1.00", "1.10", "0.25", "≤ 1.00 (3 layers + embeddings)", "yes"]
+    assert "scoring alone misses the target" in cells[13]
