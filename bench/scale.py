@@ -324,7 +324,7 @@ def table(rows: list[dict]) -> str:
         peak = r["peak_rss_mib"] / 1024
         imports = f"{r['imports_rss_mib'] / 1024:.2f}" if "imports_rss_mib" in r else "-"
         above = f"{above_imports(r) / 2**30:.2f}" if "imports_rss_mib" in r else "-"
-        ratio = f"{above_imports(r) / r['model_bytes']:.2f}" if "imports_rss_mib" in r else f"{peak / gib:.2f}"
+        ratio = f"{above_imports(r) / r['model_bytes']:.2f}" if "imports_rss_mib" in r else "-"
         score = (f"{(r['score_peak_rss_mib'] - r['imports_rss_mib']) / 1024:.2f}"
                  if "score_peak_rss_mib" in r and "imports_rss_mib" in r else "-")
         target, met = target_of(r)
@@ -348,6 +348,8 @@ def table(rows: list[dict]) -> str:
                          f"of the {r['from']}-pruned checkpoint")
         if r["mode"] in PRUNE_MODES:
             notes.append(f"{r.get('rounds', 3)} rounds")
+        if r.get("note"):  # added by hand to a stored row (e.g. which code it measured)
+            notes.append(r["note"])
         notes.append(f"load {r['load_average'][0]:.1f}")
         lines.append(first + f"{r['seconds']:.0f} | {peak:.2f} | {imports} | {above} | {score} | {ratio} | {target} | "
                      f"{'' if met is None else ('yes' if met else '**no**')} | {'; '.join(notes)} |")
