@@ -86,3 +86,20 @@ def test_default_model_is_cached_as_safetensors(default_lm):
 
     assert (Path(default_lm.source) / "model.safetensors").is_file()
     assert default_lm.tokenizer("Hello world").input_ids[0] != default_lm.tokenizer.bos_token_id
+
+
+def test_cache_link_follows_a_moved_gguf(tmp_path):
+    """A model cache whose GGUF was deleted (a rebuilt venv) is relinked to the copy being loaded; a live link stays."""
+    import json
+
+    from edgeprune.models.loader import relink_cache
+
+    cached, gguf, other = tmp_path / "cache", tmp_path / "m.gguf", tmp_path / "elsewhere.gguf"
+    cached.mkdir()
+    gguf.write_bytes(b"GGUF")
+    (cached / "manifest.json").write_text(json.dumps({"kind": "model-cache", "source": str(tmp_path / "gone.gguf")}))
+    relink_cache(cached, gguf)
+    assert json.loads((cached / "manifest.json").read_text())["source"] == str(gguf.resolve())
+    other.write_bytes(b"GGUF")
+    relink_cache(cached, other)  # the recorded file exists: keep it
+    assert json.loads((cached / "manifest.json").read_text())["source"] == str(gguf.resolve())

@@ -207,6 +207,7 @@ def gguf_cache_path(gguf: Path) -> Path:
 def _load_gguf(gguf: Path, place, use_cache: bool = True) -> LoadedModel:
     cached = gguf_cache_path(gguf)
     if use_cache and (cached / "manifest.json").is_file():
+        relink_cache(cached, gguf)
         lm = _load_dir(cached, str(gguf), place)
         lm.source = str(cached)
         return lm
@@ -221,6 +222,28 @@ def _load_gguf(gguf: Path, place, use_cache: bool = True) -> LoadedModel:
 
         model = put(model, place.device, place.dtype)
     return _finish(model, tokenizer, str(gguf), str(gguf))
+
+
+def relink_cache(cached: Path, gguf: Path) -> None:
+    """Point the cache's ``source`` at ``gguf`` when the file it names is gone (the venv that held it was rebuilt).
+
+    The cache is keyed by the GGUF's content, so ``gguf`` is the same file; the GGUF exporter follows this link to
+    copy the source's tokenizer keys (SmolLM2's pre-tokenizer, Gemma's scored vocabulary), and a dead link made it
+    fall back to guessing them from tokenizer.json."""
+    from edgeprune.io import write_json
+
+    mf = cached / "manifest.json"
+    try:
+        data = json.loads(mf.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return
+    src = data.get("source")
+    if isinstance(src, str) and not Path(src).is_file() and gguf.is_file():
+        data["source"] = str(gguf.resolve())
+        try:
+            write_json(mf, data)
+        except (OSError, EdgePruneError):  # a read-only cache keeps its old link
+            pass
 
 
 def _dequantize_gguf(gguf: Path):
