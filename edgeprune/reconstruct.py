@@ -41,15 +41,20 @@ class _Gram:
         self.g += x.T @ x
 
 
-def gram_of_input(layer_module, proj: torch.nn.Linear, inputs: list) -> torch.Tensor:
-    gram = _Gram(proj.in_features, proj.weight.device)
-    handle = proj.register_forward_pre_hook(lambda _m, args: gram.update(args[0]))
+def _watch_input(layer_module, proj: torch.nn.Linear, inputs: list, update) -> None:
+    """Run the layer on every calibration input with ``update(x)`` seeing what ``proj`` receives."""
+    handle = proj.register_forward_pre_hook(lambda _m, args: update(args[0]))
     try:
         with torch.no_grad():
             for hidden, kw in inputs:
                 run_layer(layer_module, hidden, kw)
     finally:
         handle.remove()
+
+
+def gram_of_input(layer_module, proj: torch.nn.Linear, inputs: list) -> torch.Tensor:
+    gram = _Gram(proj.in_features, proj.weight.device)
+    _watch_input(layer_module, proj, inputs, gram.update)
     return gram.g
 
 
@@ -87,18 +92,12 @@ def mean_of_input(layer_module, proj: torch.nn.Linear, inputs: list) -> torch.Te
     total = torch.zeros(proj.in_features, dtype=torch.float64, device=proj.weight.device)
     count = [0]
 
-    def hook(_m, args):
-        x = args[0].reshape(-1, args[0].shape[-1])
+    def update(x):
+        x = x.reshape(-1, x.shape[-1])
         total.add_(x.sum(0, dtype=torch.float64))
         count[0] += x.shape[0]
 
-    handle = proj.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            for hidden, kw in inputs:
-                run_layer(layer_module, hidden, kw)
-    finally:
-        handle.remove()
+    _watch_input(layer_module, proj, inputs, update)
     return total / max(count[0], 1)
 
 

@@ -19,6 +19,23 @@ def data_dir() -> Path:
     return DATA
 
 
+def save_tiny_llama(root: Path) -> Path:
+    """A tiny random-initialised Llama (weights and tokenizer) saved to ``root/tiny``: the pipeline tests' model."""
+    from edgeprune.models.tiny import build_tiny
+
+    lm = build_tiny("llama")
+    lm.model.save_pretrained(root / "tiny")
+    lm.tokenizer.save_pretrained(root / "tiny")
+    return root / "tiny"
+
+
+def tiny_run_config(root: Path, template: str) -> Path:
+    """``root/tiny.toml`` from a run-config ``template`` with ``{model}`` (a saved tiny Llama) and ``{out}``."""
+    path = root / "tiny.toml"
+    path.write_text(template.format(model=save_tiny_llama(root), out=root / "run"))
+    return path
+
+
 def smollm2_plan(lm, attention: dict[int, tuple[list[int], list[int]]]):
     """A non-uniform plan for SmolLM2-135M (30 layers, 9 heads in 3 KV groups, 1536 channels): the kept (heads, KV
     heads) of ``attention``'s layers (every head elsewhere) and four MLP widths (1536, 1408, 1280, 1408 by layer

@@ -6,6 +6,7 @@ fit stage. Config errors are one line before any work."""
 import json
 
 import pytest
+from conftest import save_tiny_llama
 
 from edgeprune.errors import EdgePruneError
 from edgeprune.pipeline import load_config, plan, run_pipeline
@@ -49,12 +50,8 @@ dtypes = ["f32"]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from edgeprune.models.tiny import build_tiny
-
     root = tmp_path_factory.mktemp("fitrun")
-    lm = build_tiny("llama")
-    lm.model.save_pretrained(root / "tiny")
-    lm.tokenizer.save_pretrained(root / "tiny")
+    save_tiny_llama(root)
     return root
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_run_config
 
 from edgeprune.errors import EdgePruneError
 from edgeprune.pipeline import defaults, dump_toml, load_config, parse_override, plan, run_pipeline
@@ -56,15 +57,7 @@ def cli(*args, cwd=None):
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
-    from edgeprune.models.tiny import build_tiny
-
-    root = tmp_path_factory.mktemp("pipeline")
-    lm = build_tiny("llama")
-    lm.model.save_pretrained(root / "tiny")
-    lm.tokenizer.save_pretrained(root / "tiny")
-    path = root / "tiny.toml"
-    path.write_text(TINY_TOML.format(model=root / "tiny", out=root / "run"))
-    return path
+    return tiny_run_config(tmp_path_factory.mktemp("pipeline"), TINY_TOML)
 
 
 @pytest.fixture(scope="module")

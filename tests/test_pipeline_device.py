@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SSHD, free_port
+from conftest import SSHD, free_port, tiny_run_config
 from edgeprune.devices import bundle, remote, sim
 
 from edgeprune.pipeline import load_config, run_pipeline
@@ -58,15 +58,7 @@ NO_SSHD = f"{SSHD} not found: `make install` installs Debian's openssh-server (a
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
-    from edgeprune.models.tiny import build_tiny
-
-    root = tmp_path_factory.mktemp("pipeline-device")
-    lm = build_tiny("llama")
-    lm.model.save_pretrained(root / "tiny")
-    lm.tokenizer.save_pretrained(root / "tiny")
-    path = root / "tiny.toml"
-    path.write_text(TINY_TOML.format(model=root / "tiny", out=root / "run"))
-    return path
+    return tiny_run_config(tmp_path_factory.mktemp("pipeline-device"), TINY_TOML)
 
 
 @pytest.fixture(scope="module")
