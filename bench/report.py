@@ -130,13 +130,23 @@ def _recovered(rows: dict, method: str) -> bool:
     return any(r.get("recovery") for r in rows.values() if r["method"] == method)
 
 
+def _speed_pass(rows: dict) -> bool:
+    """Whether a --speed pass timed these rows: then a row pruned after it, whose layer shapes no timed row has,
+    shows a dash rather than its timing taken during pruning, which is not comparable with the pass."""
+    return any(r.get("decode_measured") for r in rows.values())
+
+
 def _speed_note(rows: dict) -> str:
-    notes = {r.get("decode_measured") for r in rows.values()}
-    if None in notes:
+    if not _speed_pass(rows):
         return ("decode = greedy tokens/s of the PyTorch model on this CPU (batch 1), measured right after pruning "
                 "while other jobs shared the 2 cores: compare within a column only")
-    return ("decode = greedy tokens/s at batch 1 of a model with each row's layer shapes (PyTorch, this CPU), "
-            "measured for all rows one after another by `python ablate.py --speed` (3 repeats, medians; decode "
+    untimed = sum(1 for r in rows.values() if not r.get("decode_measured"))
+    return ((f"decode of the {untimed} rows pruned after the last speed pass, whose layer shapes no timed row has: "
+             "a dash (their timings during pruning, under other jobs, are not comparable; `python ablate.py --speed` "
+             "on a quiet machine times them); for the others, " if untimed else "")
+            + "decode = greedy tokens/s at batch 1 of a model with each row's layer shapes (PyTorch, this CPU), "
+            f"measured for {'these' if untimed else 'all'} rows one after another by `python ablate.py --speed` "
+            "(3 repeats, medians; decode "
             "speed depends on the shapes, not the weights). Eager PyTorch at batch 1 is bound by per-operator "
             "overhead more than by weight size and this shared machine's speed drifts between rows, so these "
             f"columns are rough{_speed_spread(rows)}; the exported runtimes' speeds are in the on-device profile "
@@ -187,6 +197,7 @@ def ablation_section(a: dict) -> list[str]:
     # zero-shot columns compare like with like: only rows measured on the dense row's examples
     limit = (dense or {}).get("zeroshot_limit") if (dense or {}).get("zeroshot_avg_acc") is not None else None
     shipped = _shipped_weights()
+    timed = _speed_pass(rows)
 
     def old(row: dict) -> str:  # † on a PIEM row measured with other weights than the shipped ones
         return "†" if (w := _row_weights(a, row)) and list(w) != shipped else ""
@@ -216,6 +227,8 @@ def ablation_section(a: dict) -> list[str]:
         def cell(m, r, key, fmt, best=best):
             row = rows.get(f"{m}@{r:g}")
             if row is None or row.get(key) is None or (key == "zeroshot_avg_acc" and row.get("zeroshot_limit") != limit):
+                return "–"
+            if key == "decode_tok_s" and timed and not row.get("decode_measured"):
                 return "–"
             text = fmt(row[key])
             if key in ("ppl", "zeroshot_avg_acc"):
