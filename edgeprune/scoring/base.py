@@ -67,17 +67,16 @@ class Scorer:
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def unit_sums(layer, role: str, t: torch.Tensor) -> torch.Tensor:
-    """A per-element tensor shaped like projection ``role``'s weight summed into that projection's units: q and o
-    per query head, k and v per KV head, gate and up per row, down per column (a channel)."""
-    h, kv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
-    if role == "q":
-        return t.view(h, d, -1).sum((1, 2))
-    if role in ("k", "v"):
-        return t.view(kv, d, -1).sum((1, 2))
+def unit_sums(layer, role: str, t: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A per-element tensor shaped like projection ``role``'s weight (or whole heads / rows of it) summed into
+    that projection's units: q and o per query head, k and v per KV head, gate and up per row, down per column (a
+    channel). ``dtype``: the sums' dtype (default ``t``'s)."""
+    d = layer.head_dim
+    if role in ("q", "k", "v"):
+        return t.view(-1, d, t.shape[-1]).sum((1, 2), dtype=dtype)
     if role == "o":
-        return t.view(t.shape[0], h, d).sum((0, 2))
-    return t.sum(0 if role == "down" else 1)
+        return t.view(t.shape[0], layer.num_heads, d).sum((0, 2), dtype=dtype)
+    return t.sum(0 if role == "down" else 1, dtype=dtype)
 
 
 def combine_unit_sums(layer, sums: dict[str, torch.Tensor]):
@@ -114,18 +113,13 @@ def chunked_unit_sums(layer, role: str, shape, part, dtype=None) -> torch.Tensor
     a slice of its rows, computed one chunk of rows (whole heads) at a time, so the per-element tensor never
     exists whole: heads and rows of q/k/v/gate/up are concatenated, the column sums of o/down added up.
     ``dtype``: the sums' dtype (default the parts'). The same sums as ``unit_sums`` up to float rounding."""
-    h, d = layer.num_heads, layer.head_dim
     pieces, total = [], None
-    for rows in row_chunks(shape[0], shape[1], d):
-        t = part(rows)
-        if role in ("q", "k", "v"):
-            pieces.append(t.view(-1, d, t.shape[-1]).sum((1, 2), dtype=dtype))
-        elif role in ("gate", "up"):
-            pieces.append(t.sum(1, dtype=dtype))
-        else:
-            s = t.view(t.shape[0], h, d).sum((0, 2), dtype=dtype) if role == "o" else t.sum(0, dtype=dtype)
+    for rows in row_chunks(shape[0], shape[1], layer.head_dim):
+        s = unit_sums(layer, role, part(rows), dtype)
+        if role in ("o", "down"):  # sums over rows: add the chunks up
             total = s if total is None else total + s
-        del t
+        else:  # one sum per head / row: the chunks' sums follow one another
+            pieces.append(s)
     return torch.cat(pieces) if pieces else total
 
 
