@@ -1,4 +1,4 @@
-"""The paper-style ablation on the default model: methods x ratios, each pruned from the dense model, then
+"""The paper-style ablation on the default model (or --model): methods x ratios, each pruned from the dense model, then
 WikiText-2 raw test PPL (seq 128, the same first --tokens tokens for every row), zero-shot average over PIQA,
 ARC-e, ARC-c, BoolQ, OpenBookQA (first --limit examples per task), parameter count and decode speed on this
 CPU. Each method runs in its own process, which prunes every ratio from a fresh dense model. Writes
@@ -7,6 +7,7 @@ bench/results/ablation.json; `python bench/report.py` renders it.
     python bench/ablate.py [--data ../shared/data] [--ratios 0.2,0.3,0.5] [--recovery-ratios 0.2,0.3]
                            [--methods a,b] [--limit 50]
     python bench/ablate.py --speed     # then, on a quiet machine: every row's decode speed from its shapes
+    python bench/ablate.py --model gemma3-270m --methods ...   # another model: bench/results/ablation-MODEL.json
 
 Every method also has a "... + distillation" variant (recovery, RECOVERY below, 10-20 min per row on 2 cores),
 run at --recovery-ratios; its process measures the same pruned model before recovery too, which gives the base
@@ -87,7 +88,12 @@ def shaped_model(base_config, shapes: list[dict]):
     return EdgePruneForCausalLM(cfg).eval()
 
 
-def measure_speeds(result: dict, repeats: int) -> None:
+def result_name(model: str) -> str:
+    """The results file of ``model``'s grid: the default model's is plain ``ablation`` (the README's table)."""
+    return "ablation" if model == "default" else f"ablation-{model}"
+
+
+def measure_speeds(result: dict, model: str, repeats: int) -> None:
     """Decode speed of every row from its layer shapes, one row after another in this process."""
     import os
 
@@ -95,14 +101,14 @@ def measure_speeds(result: dict, repeats: int) -> None:
 
     if os.getloadavg()[0] > 1.0:
         print(f"warning: load average {os.getloadavg()[0]:.1f}: speeds will be low and noisy", flush=True)
-    lm = load("default")
+    lm = load(model)
     tokenizer, dense_shapes = lm.tokenizer, [s.to_dict() for s in lm.adapter.shapes()]
     for key, row in result["rows"].items():
         model = shaped_model(lm.model.config, row.get("layer_shapes") or dense_shapes)
         row["decode_tok_s"] = decode_speed(model, tokenizer, repeats=repeats)
         row["decode_measured"] = f"speed pass, {repeats} repeats, {os.getloadavg()[0]:.1f} load"
         print(f"{key}: {row['decode_tok_s']:.1f} tok/s", flush=True)
-        save("ablation", result)
+        save(result_name(model), result)
 
 
 def reuse_speed(rows: dict, row: dict) -> None:
@@ -153,7 +159,8 @@ def _row(method: str, ratio: float, evaluated: dict, record: dict) -> dict:
     return row
 
 
-def run_method(method: str, ratios: list[float], data: str, tokens: int, limit: int) -> None:
+def run_method(method: str, ratios: list[float], data: str, tokens: int, limit: int, model: str = "default",
+               recover_steps: int | None = None) -> None:
     """One method at every ratio, in this process: round 1's scores and sensitivities (which see the dense model
     whatever the ratio) are computed once and shared; every ratio is pruned from a fresh dense model.
 
@@ -164,16 +171,19 @@ def run_method(method: str, ratios: list[float], data: str, tokens: int, limit: 
     from edgeprune.prune import PruneConfig, prune_model
 
     cache: dict = {}
+    options = dict(METHODS.get(method, {}))
+    if recover_steps is not None and options.get("recover_steps"):
+        options["recover_steps"] = recover_steps
     calib = load_text(f"{data}/wikitext-2/tokens/valid.txt", "calib")
     base = method.removesuffix(DISTILL) if method.endswith(DISTILL) else None
     for ratio in ratios:
-        lm = load("default")
+        lm = load(model)
         record, before = {}, {}
         if ratio > 0:
             def hook(m, before=before):
                 before["evaluated"] = evaluate(m, data, tokens, limit)
 
-            record = prune_model(lm, PruneConfig(ratio=ratio, **METHODS[method]), calib, progress=False,
+            record = prune_model(lm, PruneConfig(ratio=ratio, **options), calib, progress=False,
                                  cache=cache, before_recovery=hook if base else None)
         if before:
             row = _row(base, ratio, before["evaluated"], record)
@@ -189,6 +199,12 @@ def run_method(method: str, ratios: list[float], data: str, tokens: int, limit: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data")
+    ap.add_argument("--model", default="default",
+                    help="model name or path (edgeprune.models.load); rows go to bench/results/ablation-MODEL.json "
+                         "unless it is the default model")
+    ap.add_argument("--recover-steps", type=int,
+                    help=f"distillation steps of the '+ distillation' rows (default {RECOVERY['recover_steps']}); "
+                         "one budget per results file keeps its rows comparable")
     ap.add_argument("--ratios", default="0.2,0.3,0.5")
     ap.add_argument("--recovery-ratios", default="0.2,0.3",
                     help="ratios of the '+ distillation' methods (10-20 min of distillation per row on 2 cores)")
@@ -204,16 +220,19 @@ def main() -> None:
     args = ap.parse_args()
     data = str(data_dir(args.data))
     if args.one:
-        run_method(args.one[0], [float(r) for r in args.one[1].split(",")], data, args.tokens, args.limit)
+        run_method(args.one[0], [float(r) for r in args.one[1].split(",")], data, args.tokens, args.limit,
+                   args.model, args.recover_steps)
         return
-    result = load_result("ablation") or {}
+    name = result_name(args.model)
+    result = load_result(name) or {}
+    result["model"] = args.model
     if args.speed:
         if not result.get("rows"):
             sys.exit("error: no ablation rows to time yet")
-        measure_speeds(result, repeats=3)
+        measure_speeds(result, args.model, repeats=3)
         return
     if result.get("rows") and result.get("tokens") != args.tokens:
-        sys.exit(f"error: bench/results/ablation.json holds rows scored on {result['tokens']:,} tokens; rerun with "
+        sys.exit(f"error: bench/results/{name}.json holds rows scored on {result['tokens']:,} tokens; rerun with "
                  f"--tokens {result['tokens']} or move the file away to start a grid on {args.tokens:,}")
     result.setdefault("rows", {})
     result["tokens"] = args.tokens
@@ -248,7 +267,9 @@ def main() -> None:
         if not todo:
             continue
         cmd = [sys.executable, __file__, "--one", method, ",".join(todo), "--data", data, "--tokens",
-               str(args.tokens), "--limit", str(args.limit)]
+               str(args.tokens), "--limit", str(args.limit), "--model", args.model]
+        if args.recover_steps is not None:
+            cmd += ["--recover-steps", str(args.recover_steps)]
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as p:
             for line in p.stdout:
                 if not line.startswith("ROW "):
@@ -258,10 +279,10 @@ def main() -> None:
                 reuse_speed(result["rows"], row)
                 result["rows"][key] = row
                 # merge with rows other ablate processes (other --methods) saved meanwhile
-                latest = load_result("ablation") or {}
+                latest = load_result(name) or {}
                 if latest.get("tokens") == args.tokens:
                     result["rows"] = {**latest["rows"], key: row}
-                save("ablation", result)
+                save(name, result)
                 print(f"{key}: PPL {row['ppl']:.2f}  zero-shot {row.get('zeroshot_avg_acc', float('nan')):.4f}  "
                       f"{row['params'] / 1e6:.1f}M  {row['decode_tok_s']:.1f} tok/s", flush=True)
         if p.returncode != 0:

@@ -6,7 +6,7 @@ those files, which the other bench scripts write; nothing is typed in by hand.
 
 from __future__ import annotations
 
-from common import GRID_TOKENS, ROOT, load_result
+from common import GRID_TOKENS, RESULTS, ROOT, load_result
 
 OUT = ROOT / "BENCHMARKS.md"
 _GRID_NAMES = ("W", "G", "C", "W+G", "W+C", "G+C", "W+G+C (1/3 each)", "0.1W+0.3G+0.6C", "0.2G+0.8C",
@@ -187,7 +187,14 @@ def _method_row(m: str, ratios: list[float], cell) -> str:
             + " | ".join(cell(m, r, "decode_tok_s", lambda v: f"{v:.1f}") for r in ratios) + " |")
 
 
+MODEL_LABELS = {"default": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270M"}
+
+
 def ablation_section(a: dict) -> list[str]:
+    """One model's ablation grid (bench/results/ablation.json: the default model; ablation-MODEL.json: others)."""
+    model = a.get("model", "default")
+    label = MODEL_LABELS.get(model, model)
+    stem = "ablation" if model == "default" else f"ablation-{model}"
     rows = a["rows"]
     dense = rows.get("dense@0")
     ratios = sorted({r["ratio"] for r in rows.values() if r["ratio"] > 0})
@@ -204,7 +211,8 @@ def ablation_section(a: dict) -> list[str]:
 
     pruned = [r for r in rows.values() if r["ratio"] > 0]
     covered = sum(1 for r in pruned if limit and r.get("zeroshot_limit") == limit and "zeroshot_avg_acc" in r)
-    lines = ["## Ablation: scorers x allocators x rounds x recovery (`bench/ablate.py`)", "",
+    lines = [f"## Ablation on {label}: scorers x allocators x rounds x recovery (`bench/ablate.py"
+             + ("" if model == "default" else f" --model {model}") + "`)", "",
              f"Each row pruned from the dense model with WikiText-2 valid calibration (64 windows of 128 tokens); "
              f"PPL on the first {a['tokens']:,} WikiText-2 test tokens (seq 128, the same windows in every row); "
              f"zero-shot = mean acc over PIQA, ARC-e, ARC-c, BoolQ, OpenBookQA"
@@ -249,11 +257,11 @@ def ablation_section(a: dict) -> list[str]:
         lines += ["", "Lowest PPL per ratio in this table in bold.", ""] + _target_lines(group, dense, ratios, old)
         if _recovered(rows, members[0]):
             lines += _missing_recovery(rows, groups["Without retraining"], 0.2)
-    lines += _zeroshot_tasks(rows, dense, limit, 0.2)
+    lines += _zeroshot_tasks(rows, dense, limit, 0.2, boolq_note=model == "default")
     _plot_ppl({m: [(r, rows[f"{m}@{r:g}"]["ppl"]) for r in ratios if f"{m}@{r:g}" in rows] for m in methods},
-              ROOT / "bench" / "ablation.png", dense["ppl"] if dense else None, "Ablation on SmolLM2-135M",
+              ROOT / "bench" / f"{stem}.png", dense["ppl"] if dense else None, f"Ablation on {label}",
               size=(7.5, 5), legend_size=6.5, bold="PIEM+LSPS", dotted="distillation")
-    lines += ["![PPL vs ratio per method](bench/ablation.png)", ""]
+    lines += [f"![PPL vs ratio per method on {label}](bench/{stem}.png)", ""]
     return lines
 
 
@@ -266,7 +274,8 @@ def _missing_recovery(rows: dict, plain: list[str], ratio: float) -> list[str]:
             "recovered rows only.", ""] if missing else []
 
 
-def _zeroshot_tasks(rows: dict, dense: dict | None, limit: int | None, ratio: float) -> list[str]:
+def _zeroshot_tasks(rows: dict, dense: dict | None, limit: int | None, ratio: float,
+                    boolq_note: bool = True) -> list[str]:
     """Per-task accuracy of the rows measured on the dense row's examples at ``ratio``: the average hides that
     BoolQ swings far more than the other four tasks at this model size."""
     have = [r for r in rows.values() if r.get("zeroshot") and r.get("zeroshot_limit") == limit
@@ -282,6 +291,8 @@ def _zeroshot_tasks(rows: dict, dense: dict | None, limit: int | None, ratio: fl
         rest = [z[t] for t in tasks if t != "boolq"]
         lines.append(f"| {r['method']} | " + " | ".join(f"{z[t]:.2f}" for t in tasks)
                      + f" | {sum(z.values()) / len(z):.3f} | {sum(rest) / len(rest):.3f} |")
+    if not boolq_note:
+        return lines + [""]
     return lines + ["", "BoolQ is a yes/no task; the dense model answers \"no\" to most of these examples while most "
                     "of their answers are \"yes\", and a pruned model that leans the other way gains up to 50 points "
                     "there without knowing more, which lifts its average above the dense one. The average without "
@@ -413,9 +424,10 @@ def main() -> None:
     t = load_result("piem_terms")
     if t:
         lines += piem_terms_section(t)
-    a = load_result("ablation")
-    if a:
-        lines += ablation_section(a)
+    for name in ["ablation"] + sorted(p.stem for p in RESULTS.glob("ablation-*.json")):
+        a = load_result(name)
+        if a and a.get("rows"):
+            lines += ablation_section(a)
     e = load_result("export")
     if e:
         from export_report import render

@@ -38,3 +38,15 @@ def test_dagger_and_decode_dash(monkeypatch):
     assert "5.3" not in line["PIEM+LSPS multi-round (K=2)"] and line["PIEM+LSPS multi-round (K=2)"].endswith("| – |")
     assert line["PIEM+LSPS one-shot"].endswith("| 20.0 |")
     assert "decode of the 1 rows pruned after the last speed pass" in text
+
+
+def test_other_model_section(monkeypatch):
+    """A --model grid gets its own heading, plot file and no SmolLM2-specific BoolQ paragraph."""
+    plots = []
+    monkeypatch.setattr(report, "_plot_ppl", lambda series, path, *a, **k: plots.append(path.name))
+    rows = {"dense@0": {"method": "dense", "ratio": 0, "ppl": 30.0, "params": 268e6, "decode_tok_s": 9.0},
+            "PIEM+LSPS one-shot@0.2": _row("PIEM+LSPS one-shot", 40.0, [1])}
+    text = "\n".join(report.ablation_section({"tokens": 8192, "model": "gemma3-270m", "rows": rows}))
+    assert text.startswith("## Ablation on Gemma-3-270M") and "--model gemma3-270m" in text.splitlines()[0]
+    assert plots == ["ablation-gemma3-270m.png"] and "bench/ablation-gemma3-270m.png" in text
+    assert "BoolQ is a yes/no task" not in text
