@@ -222,6 +222,8 @@ class PruneConfig:
     recover_batch: int = option(4, "recovery: windows per step")
     recover_ce: float = option(0.0, "recovery: share of next-token cross-entropy in the loss (0 = pure "
                                "distillation)")
+    recover_freeze: int = option(0, "recovery: the first N decoder layers stay frozen, so the backward pass stops "
+                                 "above them (faster steps)")
     piem_weights: list[float] = option([], "PIEM term weights 'alpha,beta,gamma' (weight, gradient, context); "
                                        "empty: PIEM's defaults")
     stream: bool = option(False, "prune a model larger than memory layer by layer from its safetensors files "
@@ -246,7 +248,7 @@ class PruneConfig:
         from edgeprune.recover import RecoveryConfig
 
         return RecoveryConfig(self.recover_steps, self.recover_lr, self.recover_batch, ce_weight=self.recover_ce,
-                              seed=self.seed + 1)
+                              seed=self.seed + 1, freeze_layers=self.recover_freeze)
 
     def validate(self) -> None:
         """One-line errors for every bad option, before any model time is spent."""

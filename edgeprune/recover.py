@@ -45,6 +45,9 @@ class RecoveryConfig:
     seed: int = 1  # window sampling; differs from the scoring windows' seed by default
     top_k: int = 64  # teacher tokens kept per position (edgeprune.teacher; README "Scale" measures k)
     autocast: bool = False  # bfloat16 autocast of the student's forward/backward (README "Scale": CPU timing)
+    # the first N decoder layers stay frozen: no gradient reaches below layer N, which saves their share of the
+    # backward pass (bench/recover_budget.py measures time and PPL)
+    freeze_layers: int = 0
 
     def validate(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -55,13 +58,20 @@ class RecoveryConfig:
             raise EdgePruneError("recovery ce_weight must be in [0, 1]")
         if self.top_k < 1:
             raise EdgePruneError("recovery top_k must be at least 1")
+        if self.freeze_layers < 0:
+            raise EdgePruneError("recovery freeze_layers must be >= 0")
 
 
-def _trainable(model) -> list[torch.nn.Parameter]:
+def _trainable(model, freeze_layers: int = 0) -> list[torch.nn.Parameter]:
     frozen = {id(model.get_input_embeddings().weight)}
     head = model.get_output_embeddings()
     if head is not None:
         frozen.add(id(head.weight))
+    if freeze_layers:
+        from edgeprune.adapters import get_adapter
+
+        for layer in get_adapter(model).layers[:freeze_layers]:
+            frozen.update(id(p) for p in layer.layer.parameters())
     params = []
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
@@ -128,7 +138,7 @@ def _train(student, targets, windows: torch.Tensor, cfg: RecoveryConfig, progres
     need = cfg.steps * cfg.batch_size
     torch.manual_seed(cfg.seed)
     flags = [(p, p.requires_grad) for p in student.parameters()]
-    params = _trainable(student)
+    params = _trainable(student, cfg.freeze_layers)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     # the schedule steps the plain optimizer once per step (accelerate's wrapper would step it once per process)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg.steps))

@@ -48,7 +48,7 @@ def test_no_recovery_by_default():
 
 
 @pytest.mark.parametrize("bad", [dict(steps=-1), dict(lr=0.0), dict(batch_size=0), dict(ce_weight=1.5),
-                                 dict(temperature=0.0)])
+                                 dict(temperature=0.0), dict(freeze_layers=-1)])
 def test_bad_recovery_options_are_one_line_errors(bad):
     with pytest.raises(EdgePruneError):
         RecoveryConfig(**{"steps": 1, **bad}).validate()
@@ -70,6 +70,24 @@ def test_cross_entropy_share_mixes_into_the_loss():
     rec = distill(lm.model, teacher, windows, RecoveryConfig(steps=2, batch_size=2, ce_weight=0.5), progress=False)
     assert rec["kl_curve"][0] > 1e-4
     assert any(not torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))
+
+
+def test_frozen_lower_layers_do_not_move_and_the_others_do():
+    """``freeze_layers``: the first N decoder layers keep their weights (no gradient reaches them), the rest train."""
+    lm = build_tiny("llama")
+    teacher = copy.deepcopy(lm.model).eval()
+    layers = lm.adapter.layers
+    with torch.no_grad():  # a student that differs from the teacher, so the KL has a gradient
+        for p in layers[-1].layer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    before = [[p.detach().clone() for p in layer.layer.parameters()] for layer in layers]
+    windows = calibration_batches(lm.tokenizer, load_text("builtin", "calib"), 4, 16, seed=1)
+    distill(lm.model, teacher, windows, RecoveryConfig(steps=2, batch_size=2, lr=1e-2, freeze_layers=1),
+            progress=False)
+    moved = [any(not torch.equal(a, b) for a, b in zip(old, layer.layer.parameters(), strict=True))
+             for old, layer in zip(before, layers, strict=True)]
+    assert moved[0] is False and all(moved[1:])
+    assert all(p.requires_grad for p in layers[0].layer.parameters())  # switched back on afterwards
 
 
 def test_before_recovery_hook_sees_the_pruned_model_before_distillation():
