@@ -1,0 +1,100 @@
+"""How much distillation the demo needs: the demo's prune stage (edgeprune/configs/demo.toml's [prune]) pruned once,
+then distilled from the same pruned model with several recovery budgets (steps x lr), each measured by PPL on the
+demo's evaluation tokens (WikiText-2 test, seq 128, first 8,192) and by its wall time. A budget is
+STEPS:LR[:FREEZE], FREEZE the number of bottom decoder layers kept frozen (RecoveryConfig.freeze_layers: the
+backward pass stops above them).
+
+    python bench/recover_budget.py [--data ../shared/data] [--budgets 100:4e-4,60:6e-4,100:4e-4:10]
+
+The teacher targets are computed once for the largest budget; a budget of N steps uses the first N x batch windows
+of them, which are the windows the product draws for N steps (calibration_batches takes its offsets one by one from
+one seeded stream). Prints a table and writes bench/results/recover_budget.json. Timings compare rows of one run
+only (this machine is shared; the load average is recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+from dataclasses import replace
+
+from common import data_dir, save
+
+
+def _budgets(text: str) -> list[tuple[int, float, int]]:
+    out = []
+    for item in text.split(","):
+        steps, lr, *freeze = item.split(":")
+        out.append((int(steps), float(lr), int(freeze[0]) if freeze else 0))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data")
+    ap.add_argument("--budgets", default="100:4e-4,60:6e-4,100:4e-4:10")
+    ap.add_argument("--name", default="recover_budget", help="results file: bench/results/NAME.json")
+    args = ap.parse_args()
+    os.environ["EDGEPRUNE_DATA"] = str(data_dir(args.data))
+
+    import torch
+
+    from edgeprune.data import calibration_batches, resolve_text
+    from edgeprune.evaluate.ppl import perplexity
+    from edgeprune.models import load
+    from edgeprune.pipeline.config import load_config
+    from edgeprune.prune import prune_model
+    from edgeprune.recover import distill
+    from edgeprune.teacher import teacher_targets
+
+    run = load_config("demo")
+    cfg = replace(run.prune, recover_steps=0)
+    calib, evtext = resolve_text(run.data.calib, "calib"), resolve_text(run.data.eval, "eval")
+    budgets = _budgets(args.budgets)
+    lm = load(run.run.model)
+
+    def ppl(model) -> float:
+        return perplexity(model, lm.tokenizer, evtext, run.evaluate.seq_len, run.evaluate.max_tokens,
+                          run.evaluate.batch_size, progress=False)["ppl"]
+
+    rc = replace_steps(run.prune, max(b[0] for b in budgets))
+    t0 = time.perf_counter()
+    windows = calibration_batches(lm.tokenizer, calib, rc.steps * rc.batch_size, cfg.seq_len, rc.seed)
+    teacher = teacher_targets(lm.model, windows, rc.top_k, rc.temperature)
+    teacher_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    record = prune_model(lm, cfg, calib)
+    prune_s = time.perf_counter() - t0
+    rows = [{"steps": 0, "lr": None, "ppl": ppl(lm.model), "seconds": 0.0}]
+    print(f"teacher targets {rc.steps * rc.batch_size} windows {teacher_s:.0f} s; prune (no recovery) "
+          f"{prune_s:.0f} s (scoring {[round(r['scoring_seconds']) for r in record['rounds']]}); "
+          f"PPL before recovery {rows[0]['ppl']:.2f}", flush=True)
+    for steps, lr, freeze in budgets:
+        student = copy.deepcopy(lm.model)
+        load_before = os.getloadavg()[0]
+        rec = distill(student, teacher, windows, replace(replace_steps(run.prune, steps, lr), freeze_layers=freeze))
+        rows.append({"steps": steps, "lr": lr, "freeze_layers": freeze, "ppl": ppl(student), "seconds": rec["seconds"],
+                     "s_per_step": rec["seconds"] / steps, "curve": rec["kl_curve"],
+                     "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]})
+        r = rows[-1]
+        print(f"{steps} steps lr {lr:g} freeze {freeze}: PPL {r['ppl']:.2f}, {r['seconds']:.0f} s ({r['s_per_step']:.2f} s/step), "
+              f"load {r['load']}", flush=True)
+        del student
+        torch.manual_seed(0)
+    print("\n| steps | peak lr | frozen layers | PPL | distillation s | s/step | load |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['steps']} | {r['lr'] or '–'} | {r.get('freeze_layers', 0)} | {r['ppl']:.2f} | {r['seconds']:.0f} | "
+              f"{r.get('s_per_step', 0):.2f} | {r.get('load', '–')} |")
+    save(args.name, {"prune_config": record["config"], "teacher_seconds": teacher_s,
+                            "prune_seconds": prune_s, "rows": rows, "threads": torch.get_num_threads()})
+
+
+def replace_steps(prune_cfg, steps: int, lr: float | None = None):
+    """The demo's RecoveryConfig with ``steps`` (and ``lr``) instead of its own."""
+    return replace(prune_cfg, recover_steps=steps, recover_lr=lr or prune_cfg.recover_lr).recovery()
+
+
+if __name__ == "__main__":
+    main()
