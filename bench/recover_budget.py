@@ -1,8 +1,9 @@
 """How much distillation the demo needs: the demo's prune stage (edgeprune/configs/demo.toml's [prune]) pruned once,
 then distilled from the same pruned model with several recovery budgets (steps x lr), each measured by PPL on the
 demo's evaluation tokens (WikiText-2 test, seq 128, first 8,192) and by its wall time. A budget is
-STEPS:LR[:FREEZE], FREEZE the number of bottom decoder layers kept frozen (RecoveryConfig.freeze_layers: the
-backward pass stops above them).
+STEPS:LR[:FREEZE[:AMP]], FREEZE the number of bottom decoder layers kept frozen (RecoveryConfig.freeze_layers: the
+backward pass stops above them), AMP ``fp32`` (default), ``bf16`` (the student's steps under bfloat16 autocast) or
+``bf16all`` (the teacher pass too; its targets are computed once more, under autocast, and timed).
 
     python bench/recover_budget.py [--data ../shared/data] [--budgets 100:4e-4,60:6e-4,100:4e-4:10]
 
@@ -23,11 +24,14 @@ from dataclasses import replace
 from common import data_dir, save
 
 
-def _budgets(text: str) -> list[tuple[int, float, int]]:
+def _budgets(text: str) -> list[tuple[int, float, int, str]]:
     out = []
     for item in text.split(","):
-        steps, lr, *freeze = item.split(":")
-        out.append((int(steps), float(lr), int(freeze[0]) if freeze else 0))
+        steps, lr, *rest = item.split(":")
+        freeze, amp = (rest + ["0", "fp32"][len(rest):])[:2]
+        if amp not in ("fp32", "bf16", "bf16all"):
+            raise SystemExit(f"error: AMP must be fp32, bf16 or bf16all, not {amp!r}")
+        out.append((int(steps), float(lr), int(freeze), amp))
     return out
 
 
@@ -64,6 +68,12 @@ def main() -> None:
     windows = calibration_batches(lm.tokenizer, calib, rc.steps * rc.batch_size, cfg.seq_len, rc.seed)
     teacher = teacher_targets(lm.model, windows, rc.top_k, rc.temperature)
     teacher_s = time.perf_counter() - t0
+    teacher_bf16, teacher_bf16_s = None, None
+    if any(b[3] == "bf16all" for b in budgets):
+        t0 = time.perf_counter()
+        teacher_bf16 = teacher_targets(lm.model, windows, rc.top_k, rc.temperature, autocast=True)
+        teacher_bf16_s = time.perf_counter() - t0
+        print(f"teacher targets under bf16 autocast {teacher_bf16_s:.0f} s (float32: {teacher_s:.0f} s)", flush=True)
     t0 = time.perf_counter()
     record = prune_model(lm, cfg, calib)
     prune_s = time.perf_counter() - t0
@@ -71,23 +81,27 @@ def main() -> None:
     print(f"teacher targets {rc.steps * rc.batch_size} windows {teacher_s:.0f} s; prune (no recovery) "
           f"{prune_s:.0f} s (scoring {[round(r['scoring_seconds']) for r in record['rounds']]}); "
           f"PPL before recovery {rows[0]['ppl']:.2f}", flush=True)
-    for steps, lr, freeze in budgets:
+    for steps, lr, freeze, amp in budgets:
         student = copy.deepcopy(lm.model)
         load_before = os.getloadavg()[0]
-        rec = distill(student, teacher, windows, replace(replace_steps(run.prune, steps, lr), freeze_layers=freeze))
-        rows.append({"steps": steps, "lr": lr, "freeze_layers": freeze, "ppl": ppl(student), "seconds": rec["seconds"],
+        rc_b = replace(replace_steps(run.prune, steps, lr), freeze_layers=freeze,
+                       autocast="off" if amp == "fp32" else "on")
+        rec = distill(student, teacher_bf16 if amp == "bf16all" else teacher, windows, rc_b)
+        rows.append({"steps": steps, "lr": lr, "freeze_layers": freeze, "amp": amp, "ppl": ppl(student), "seconds": rec["seconds"],
                      "s_per_step": rec["seconds"] / steps, "curve": rec["kl_curve"],
                      "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]})
         r = rows[-1]
-        print(f"{steps} steps lr {lr:g} freeze {freeze}: PPL {r['ppl']:.2f}, {r['seconds']:.0f} s ({r['s_per_step']:.2f} s/step), "
+        print(f"{steps} steps lr {lr:g} freeze {freeze} {amp}: PPL {r['ppl']:.2f}, {r['seconds']:.0f} s ({r['s_per_step']:.2f} s/step), "
               f"load {r['load']}", flush=True)
         del student
         torch.manual_seed(0)
-    print("\n| steps | peak lr | frozen layers | PPL | distillation s | s/step | load |\n|---|---|---|---|---|---|---|")
+    print("\n| steps | peak lr | frozen layers | autocast | PPL | distillation s | s/step | load |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['steps']} | {r['lr'] or '–'} | {r.get('freeze_layers', 0)} | {r['ppl']:.2f} | {r['seconds']:.0f} | "
+        print(f"| {r['steps']} | {r['lr'] or '–'} | {r.get('freeze_layers', 0)} | {r.get('amp', 'fp32')} | {r['ppl']:.2f} | {r['seconds']:.0f} | "
               f"{r.get('s_per_step', 0):.2f} | {r.get('load', '–')} |")
     save(args.name, {"prune_config": record["config"], "teacher_seconds": teacher_s,
+                            "teacher_bf16_seconds": teacher_bf16_s,
                             "prune_seconds": prune_s, "rows": rows, "threads": torch.get_num_threads()})
 
 

@@ -222,6 +222,8 @@ class PruneConfig:
     recover_batch: int = option(4, "recovery: windows per step")
     recover_ce: float = option(0.0, "recovery: share of next-token cross-entropy in the loss (0 = pure "
                                "distillation)")
+    recover_autocast: str = option("off", "recovery: bfloat16 autocast of the teacher pass and the training steps: "
+                                   "auto (where the CPU/GPU computes bf16 natively) | on | off")
     recover_freeze: int = option(0, "recovery: the first N decoder layers stay frozen, so the backward pass stops "
                                  "above them (faster steps)")
     piem_weights: list[float] = option([], "PIEM term weights 'alpha,beta,gamma' (weight, gradient, context); "
@@ -248,7 +250,8 @@ class PruneConfig:
         from edgeprune.recover import RecoveryConfig
 
         return RecoveryConfig(self.recover_steps, self.recover_lr, self.recover_batch, ce_weight=self.recover_ce,
-                              seed=self.seed + 1, freeze_layers=self.recover_freeze)
+                              seed=self.seed + 1, freeze_layers=self.recover_freeze,
+                              autocast=self.recover_autocast)
 
     def validate(self) -> None:
         """One-line errors for every bad option, before any model time is spent."""

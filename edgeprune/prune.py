@@ -12,6 +12,7 @@ from edgeprune.allocation.base import prunable_total
 from edgeprune.config import PruneConfig
 from edgeprune.data import Text, calibration_batches
 from edgeprune.models.info import param_counts
+from edgeprune.models.placement import input_device
 from edgeprune.plan import PruningPlan, compose
 from edgeprune.reconstruct import apply_plan_reconstruct
 from edgeprune.recover import distill
@@ -91,7 +92,8 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
     if cfg.recover_steps:  # the unpruned model's distributions on the recovery windows, before any cut
         rc = cfg.recovery()
         windows = calibration_batches(lm.tokenizer, calib, rc.steps * rc.batch_size, cfg.seq_len, rc.seed)
-        teacher = teacher_targets(lm.model, windows, rc.top_k, rc.temperature, progress=progress)
+        teacher = teacher_targets(lm.model, windows, rc.top_k, rc.temperature, progress=progress,
+                                  autocast=rc.use_autocast(input_device(lm.model)))
     for r in range(1, cfg.rounds + 1):
         # each round removes its share of the original budget, measured against the current model
         target = cfg.ratio * base_prunable * r / cfg.rounds

@@ -34,6 +34,7 @@ import torch
 
 from edgeprune.errors import EdgePruneError
 
+AUTOCAST = ("auto", "on", "off")
 
 @dataclass
 class RecoveryConfig:
@@ -44,7 +45,9 @@ class RecoveryConfig:
     ce_weight: float = 0.0  # share of the next-token cross-entropy in the loss (0 = pure distillation)
     seed: int = 1  # window sampling; differs from the scoring windows' seed by default
     top_k: int = 64  # teacher tokens kept per position (edgeprune.teacher; README "Scale" measures k)
-    autocast: bool = False  # bfloat16 autocast of the student's forward/backward (README "Scale": CPU timing)
+    # bfloat16 autocast of the teacher pass and of the student's forward/backward (float32 master weights and
+    # loss): "on", "off", or "auto" = where the device computes bf16 natively (placement.native_bf16)
+    autocast: str = "off"
     # the first N decoder layers stay frozen: no gradient reaches below layer N, which saves their share of the
     # backward pass (bench/recover_budget.py measures time and PPL)
     freeze_layers: int = 0
@@ -60,6 +63,14 @@ class RecoveryConfig:
             raise EdgePruneError("recovery top_k must be at least 1")
         if self.freeze_layers < 0:
             raise EdgePruneError("recovery freeze_layers must be >= 0")
+        if self.autocast not in AUTOCAST:
+            raise EdgePruneError(f"recovery autocast must be one of {', '.join(AUTOCAST)}, not '{self.autocast}'")
+
+    def use_autocast(self, device) -> bool:
+        """Whether the teacher pass and the steps run under bf16 autocast on ``device``."""
+        from edgeprune.models.placement import native_bf16
+
+        return self.autocast == "on" or (self.autocast == "auto" and native_bf16(device))
 
 
 def _trainable(model, freeze_layers: int = 0) -> list[torch.nn.Parameter]:
@@ -104,9 +115,12 @@ def distill(student, teacher, windows: torch.Tensor, cfg: RecoveryConfig, progre
     need = cfg.steps * cfg.batch_size
     if windows.shape[0] < need:
         raise EdgePruneError(f"recovery needs {need} windows, got {windows.shape[0]}")
+    from edgeprune.models.placement import input_device
+
     start = time.perf_counter()
     if not isinstance(teacher, TeacherTargets):
-        teacher = teacher_targets(teacher, windows[:need], cfg.top_k, cfg.temperature, progress=progress)
+        teacher = teacher_targets(teacher, windows[:need], cfg.top_k, cfg.temperature, progress=progress,
+                                  autocast=cfg.use_autocast(input_device(teacher)))
     if teacher.indices.shape[0] < need or teacher.temperature != cfg.temperature:
         raise EdgePruneError("the teacher targets do not cover these recovery windows at this temperature")
     working = student.get_input_embeddings().weight.dtype
@@ -155,7 +169,8 @@ def _train(student, targets, windows: torch.Tensor, cfg: RecoveryConfig, progres
     was_training = student.training
     student.train()
     curve, chunk, steps = [], [], []
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.autocast else nullcontext()
+    autocast = cfg.use_autocast(device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext()
     bar = tqdm(range(cfg.steps), desc="recover (distill)", unit="step", disable=not progress, leave=False)
     try:
         for step in bar:
@@ -196,7 +211,7 @@ def _train(student, targets, windows: torch.Tensor, cfg: RecoveryConfig, progres
         if acc is not None:
             acc.free_memory()
     return {"config": vars(cfg).copy(), "kl_curve": curve, "kl_steps": steps, "tokens": need * windows.shape[1],
-            "processes": 1 if acc is None else acc.num_processes}
+            "processes": 1 if acc is None else acc.num_processes, "bf16_autocast": autocast}
 
 
 def accelerator():

@@ -47,8 +47,9 @@ def _rest_logmass(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_targets(model, windows: torch.Tensor, k: int = DEFAULT_TOP_K, temperature: float = 1.0,
-                    batch_size: int = 8, progress: bool = True) -> TeacherTargets:
-    """One inference pass of ``model`` over ``windows`` keeping the top-``k`` log-probabilities per position."""
+                    batch_size: int = 8, progress: bool = True, autocast: bool = False) -> TeacherTargets:
+    """One inference pass of ``model`` over ``windows`` keeping the top-``k`` log-probabilities per position
+    (``autocast``: the model's products in bfloat16, the softmax statistics in float32)."""
     from tqdm.auto import tqdm
 
     from edgeprune.models.placement import input_device
@@ -61,7 +62,7 @@ def teacher_targets(model, windows: torch.Tensor, k: int = DEFAULT_TOP_K, temper
     rest_all = torch.empty(n, s, dtype=torch.float32)
     was = model.training
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         for b in tqdm(range(0, n, batch_size), desc="teacher targets", unit="batch", disable=not progress,
                       leave=False):
             logits = model(input_ids=windows[b:b + batch_size].to(device), use_cache=False).logits.float()

@@ -48,7 +48,7 @@ def test_no_recovery_by_default():
 
 
 @pytest.mark.parametrize("bad", [dict(steps=-1), dict(lr=0.0), dict(batch_size=0), dict(ce_weight=1.5),
-                                 dict(temperature=0.0), dict(freeze_layers=-1)])
+                                 dict(temperature=0.0), dict(freeze_layers=-1), dict(autocast="bf16")])
 def test_bad_recovery_options_are_one_line_errors(bad):
     with pytest.raises(EdgePruneError):
         RecoveryConfig(**{"steps": 1, **bad}).validate()
@@ -88,6 +88,22 @@ def test_frozen_lower_layers_do_not_move_and_the_others_do():
              for old, layer in zip(before, layers, strict=True)]
     assert moved[0] is False and all(moved[1:])
     assert all(p.requires_grad for p in layers[0].layer.parameters())  # switched back on afterwards
+
+
+@pytest.mark.parametrize("mode", ["on", "off", "auto"])
+def test_bf16_autocast_modes(mode, monkeypatch):
+    """``autocast``: on/off as asked; auto follows placement.native_bf16 (faked both ways here)."""
+    import edgeprune.models.placement as placement
+
+    lm = build_tiny("llama")
+    teacher = copy.deepcopy(lm.model).eval()
+    windows = calibration_batches(lm.tokenizer, load_text("builtin", "calib"), 4, 16, seed=1)
+    for native in (True, False):
+        monkeypatch.setattr(placement, "native_bf16", lambda device, native=native: native)
+        rec = distill(copy.deepcopy(lm.model), teacher, windows, RecoveryConfig(steps=2, batch_size=2, autocast=mode),
+                      progress=False)
+        assert rec["bf16_autocast"] is (mode == "on" or (mode == "auto" and native))
+        assert all(torch.isfinite(torch.tensor(rec["kl_steps"])))
 
 
 def test_before_recovery_hook_sees_the_pruned_model_before_distillation():

@@ -106,6 +106,25 @@ def check_resident(model) -> None:
                              "which edgeprune cannot prune; use more GPUs, --dtype bfloat16, or --device cpu")
 
 
+def native_bf16(device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products natively, so bf16 autocast speeds training up: a CUDA
+    GPU that supports bf16, or a CPU with AVX512-BF16 or AMX (Linux: /proc/cpuinfo). Elsewhere bf16 is emulated and
+    slower than float32 (measured: 2.3x faster here, on AVX512-BF16, for a 512 x 576 x 1536 MLP step)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def input_device(model):
     """The device the token ids must be on: the input embedding's."""
     return model.get_input_embeddings().weight.device
