@@ -117,6 +117,7 @@ def collect(run_dir: str | Path) -> dict:
         if name != StageId("export", v, fmt, dtype).name or v not in VARIANTS:
             continue  # not an export stage (each export result names its own variant, format and dtype)
         row = {"variant": v, "format": fmt, "dtype": dtype, "size_bytes": r.get("size_bytes"),
+               "skipped": r.get("skipped"),
                "parity_passed": r.get("parity", {}).get("passed"),
                "parity_max_abs_logit_diff": r.get("parity", {}).get("max_abs_logit_diff")}
         ppl = res.get(StageId("ppl", v, fmt, dtype).name)
@@ -241,7 +242,8 @@ def summary_rows(data: dict) -> tuple[list[str], list[list[str]]]:
         v = a["variant"]
         k = f"{a['format']}-{a['dtype']}"
         size = a.get("size_bytes")
-        rows.append([names[v], f"{a['format'].upper()} {a['dtype']}", "–",
+        fmt = f"{a['format'].upper()} {a['dtype']}" + (" (not exported: see notes)" if a.get("skipped") else "")
+        rows.append([names[v], fmt, "–",
                      rel(v, k + "size", size, _f(size / 2**20 if size else None, 1)),
                      rel(v, k + "ppl", a.get("ppl"), _f(a.get("ppl"))),
                      rel(v, k + "ttft", a.get("ttft_ms"), _f(a.get("ttft_ms"), 1)),
@@ -320,6 +322,8 @@ def _notes(data: dict) -> list[str]:
         notes.append(f"Latency and memory: device profile '{data['device']}'; TTFT = prompt submitted to first "
                      "token, decode tok/s = steady-state generation, peak RSS of the profiling process.")
     notes += _measured_on_notes(data.get("artifacts", []))
+    notes += [f"Not exported, {a['variant']} {a['format'].upper()} {a['dtype']}: {a['skipped']}."
+              for a in data.get("artifacts", []) if a.get("skipped")]
     notes += fit_notes(data)
     v = data.get("versions") or {}
     if v:

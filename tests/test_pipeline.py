@@ -300,3 +300,62 @@ def test_demo_config_plans_on_the_default_model(tmp_path):
     assert names[:3] == ["eval-baseline", "prune", "eval-pruned"] and names[-1] == "report"
     assert {f"export-{v}-{f}" for v in ("baseline", "pruned") for f in ("gguf-q8_0", "onnx-int8")} <= set(names)
     assert Path(cfg.run.out) == tmp_path / "run"
+
+
+GEMMA_TOML = """
+[run]
+model = "{model}"
+out = "{out}"
+
+[prune]
+ratio = 0.4
+allocator = "global"
+n_samples = 4
+seq_len = 32
+rounds = 1
+
+[evaluate]
+seq_len = 32
+max_tokens = 256
+threads = 1
+
+[export]
+artifacts = ["gguf:f32"]
+
+[profile]
+prompt_tokens = 8
+new_tokens = 2
+repeats = 1
+threads = 1
+
+[report]
+ablation = ""
+"""
+
+
+def test_an_artifact_the_format_cannot_hold_is_reported_not_fatal(tmp_path):
+    """Gemma 3 pruned to per-layer widths has no llama.cpp architecture (no per-layer Gemma arch): the run still
+    ends in a report, the pruned GGUF's export, PPL and profile stages say why there is no artifact, the baseline's
+    GGUF is measured as usual, and `edgeprune export` itself still refuses in one line."""
+    from edgeprune.adapters.base import is_uniform
+    from edgeprune.models import load
+    from edgeprune.models.tiny import build_tiny
+
+    lm = build_tiny("gemma3_text")
+    lm.model.save_pretrained(tmp_path / "tiny")
+    lm.tokenizer.save_pretrained(tmp_path / "tiny")
+    cfg = tmp_path / "gemma.toml"
+    cfg.write_text(GEMMA_TOML.format(model=tmp_path / "tiny", out=tmp_path / "run"))
+    result = run_pipeline(load_config(cfg), progress=False)
+    pruned = tmp_path / "run" / "stages" / "prune" / "model"
+    assert not is_uniform(load(str(pruned)).adapter.shapes())  # the precondition: per-layer widths
+    res = result.results
+    for kind in ("export", "ppl", "profile"):
+        why = res[f"{kind}-pruned-gguf-fp32"]["skipped"]
+        assert "gemma3_text" in why and "--allocator uniform" in why
+        assert "skipped" not in res[f"{kind}-baseline-gguf-fp32"]
+    assert not (tmp_path / "run" / "stages" / "export-pruned-gguf-fp32" / "artifact").exists()
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "Not exported, pruned GGUF fp32: cannot export this gemma3_text checkpoint" in report
+    r = cli("export", str(pruned), "--format", "gguf", "--dtype", "fp32", "-o", str(tmp_path / "x"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "--allocator uniform" in r.stderr

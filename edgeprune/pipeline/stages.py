@@ -26,7 +26,7 @@ from edgeprune.io import MANIFEST
 from edgeprune.pipeline.config import EvaluateSection, ProfileSection, section_dict
 from edgeprune.pipeline.engine import Stage
 from edgeprune.pipeline.profiling import Target
-from edgeprune.rundir import ABLATION, REPORT, StageId, artifact_dir, stage_dir
+from edgeprune.rundir import ABLATION, REPORT, StageId, artifact_dir, read_stage, stage_dir
 
 
 class EvalResult(TypedDict, total=False):
@@ -50,6 +50,7 @@ class ArtifactResult(TypedDict, total=False):
     variant: str
     format: str
     dtype: str
+    skipped: str  # why there is no such artifact (errors.FormatUnsupported); no other fields then
 
 
 class ExportResult(ArtifactResult, total=False):
@@ -225,6 +226,14 @@ class ArtifactStage(Stage):
     def artifact(self) -> Path:
         return artifact_dir(self.ctx.run_dir, self.variant, self.format, self.dtype)
 
+    def ids(self) -> dict:
+        return {"variant": self.variant, "format": self.format, "dtype": self.dtype}
+
+    def not_exported(self) -> str | None:
+        """Why the export stage wrote no artifact (the format cannot hold this model), or None."""
+        export = read_stage(stage_dir(self.ctx.run_dir, self.deps[0])) or {}
+        return (export.get("result") or {}).get("skipped")
+
 
 @dataclass
 class ExportStage(ArtifactStage):
@@ -245,12 +254,18 @@ class ExportStage(ArtifactStage):
                 **({"model": self.model_fp} if self.variant == "baseline" else {})}
 
     def run(self, out: Path) -> ExportResult:
+        from edgeprune.errors import FormatUnsupported, first_line
         from edgeprune.export.artifacts import export_artifact
 
         art = out / "artifact"  # (self.artifact once the stage is in place)
-        with self.ctx.spinner(f"exporting {self.variant} {self.format} {self.dtype}"):
-            info = export_artifact(self.ctx.model_spec(self.variant, self.model), self.format, self.dtype, art,
-                                   self.optimize)
+        try:
+            with self.ctx.spinner(f"exporting {self.variant} {self.format} {self.dtype}"):
+                info = export_artifact(self.ctx.model_spec(self.variant, self.model), self.format, self.dtype, art,
+                                       self.optimize)
+        except FormatUnsupported as e:  # the run goes on; the report says why this artifact is missing
+            shutil.rmtree(art, ignore_errors=True)
+            self.ctx.console.print(f"  not exported: {first_line(e)}", highlight=False)
+            return {**self.ids(), "skipped": first_line(e)}
         files = {p.name: p.stat().st_size for p in art.iterdir() if p.is_file()}
         model_files = [n for n in files if n.startswith("model.") and n != MANIFEST]
         return {"variant": self.variant, "format": self.format, "dtype": self.dtype, "artifact": "artifact",
@@ -274,6 +289,8 @@ class ArtifactPPLStage(ArtifactStage):
     def run(self, out: Path) -> ArtifactPPLResult:
         from edgeprune.errors import EdgePruneError
 
+        if why := self.not_exported():
+            return {**self.ids(), "skipped": why}
         ev = self.ev
         art = self.artifact
         ids = None
@@ -326,6 +343,8 @@ class ProfileStage(ArtifactStage):
         from edgeprune.devices.remote import measured_on
         from edgeprune.pipeline.profiling import summarize_profile
 
+        if why := self.not_exported():
+            return {**self.ids(), "device": self.prof.device, "skipped": why}
         art = self.artifact
         with self.ctx.spinner(f"profiling {self.variant} {self.format} {self.dtype} on {self.target.label}"):
             raw = self.target.profile(art, out / "profile.json")

@@ -41,7 +41,7 @@ from edgeprune.export.gguf.hparams import hyperparameters
 from edgeprune.export.gguf.source import Tensors, llama3_rope_factors, rope_parameters
 
 from edgeprune.adapters.families import NORM_ROLES, Family, tensor_name
-from edgeprune.errors import EdgePruneError
+from edgeprune.errors import EdgePruneError, FormatUnsupported
 
 PLACEHOLDER_FFN = 32
 T = gguf.MODEL_TENSOR
@@ -201,7 +201,7 @@ def choose_arch(fam: Family, facts: Facts) -> Arch:
         reasons.append(f"no llama.cpp architecture reads per-layer widths for {fam.name}")
     hint = ("; prune with --allocator uniform (every layer the same widths, no block removed; --round-to N keeps "
             "them multiples of N) to export it" if not facts.uniform else "")
-    raise EdgePruneError(f"cannot export this {fam.name} checkpoint to GGUF: {'; '.join(reasons)}{hint}")
+    raise FormatUnsupported(f"cannot export this {fam.name} checkpoint to GGUF: {'; '.join(reasons)}{hint}")
 
 
 def _keep_layers(src: _Source, arch: Arch, heads, kvs, ffs, layout: Layout) -> dict:
