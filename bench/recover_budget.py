@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--data")
     ap.add_argument("--budgets", default="100:4e-4,60:6e-4,100:4e-4:10")
     ap.add_argument("--name", default="recover_budget", help="results file: bench/results/NAME.json")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override the demo config, as `edgeprune run --set` does (e.g. prune.n_samples=32)")
     args = ap.parse_args()
     os.environ["EDGEPRUNE_DATA"] = str(data_dir(args.data))
 
@@ -53,7 +55,7 @@ def main() -> None:
     from edgeprune.recover import distill
     from edgeprune.teacher import teacher_targets
 
-    run = load_config("demo")
+    run = load_config("demo", args.set)
     cfg = replace(run.prune, recover_steps=0)
     calib, evtext = resolve_text(run.data.calib, "calib"), resolve_text(run.data.eval, "eval")
     budgets = _budgets(args.budgets)
@@ -100,7 +102,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['steps']} | {r['lr'] or '–'} | {r.get('freeze_layers', 0)} | {r.get('amp', 'fp32')} | {r['ppl']:.2f} | {r['seconds']:.0f} | "
               f"{r.get('s_per_step', 0):.2f} | {r.get('load', '–')} |")
-    save(args.name, {"prune_config": record["config"], "teacher_seconds": teacher_s,
+    save(args.name, {"overrides": args.set, "prune_config": record["config"], "teacher_seconds": teacher_s,
                             "teacher_bf16_seconds": teacher_bf16_s,
                             "prune_seconds": prune_s, "rows": rows, "threads": torch.get_num_threads()})
 
