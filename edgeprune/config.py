@@ -222,7 +222,7 @@ class PruneConfig:
     recover_batch: int = option(4, "recovery: windows per step")
     recover_ce: float = option(0.0, "recovery: share of next-token cross-entropy in the loss (0 = pure "
                                "distillation)")
-    recover_autocast: str = option("off", "recovery: bfloat16 autocast of the teacher pass and the training steps: "
+    recover_autocast: str = option("auto", "recovery: bfloat16 autocast of the teacher pass and the training steps: "
                                    "auto (where the CPU/GPU computes bf16 natively) | on | off")
     recover_freeze: int = option(0, "recovery: the first N decoder layers stay frozen, so the backward pass stops "
                                  "above them (faster steps)")

@@ -39,6 +39,8 @@ def _args(argv):
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--top-k", type=int, default=d.top_k)
     ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--autocast", default=d.autocast, help="bfloat16 autocast of the teacher pass and the steps: "
+                    "auto (where the device computes bf16 natively) | on | off")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (each process's own GPU when launched)")
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (the saved checkpoint's)")
     ap.add_argument("--json", help="write the recovery record here")
@@ -53,7 +55,7 @@ def run(args) -> dict:
     from edgeprune.recover import RecoveryConfig, accelerator, distill
     from edgeprune.teacher import teacher_targets
 
-    cfg = RecoveryConfig(args.steps, args.lr, args.batch, top_k=args.top_k, seed=args.seed)
+    cfg = RecoveryConfig(args.steps, args.lr, args.batch, top_k=args.top_k, seed=args.seed, autocast=args.autocast)
     cfg.validate()
     if cfg.steps < 1:
         raise EdgePruneError("--steps must be at least 1")
@@ -65,7 +67,8 @@ def run(args) -> dict:
     windows = calibration_batches(teacher.tokenizer, load_text(args.calib, "calib"), cfg.steps * cfg.batch_size,
                                   args.seq_len, cfg.seed)
     main = acc is None or acc.is_main_process
-    targets = teacher_targets(teacher.model, windows, cfg.top_k, cfg.temperature, progress=main)
+    targets = teacher_targets(teacher.model, windows, cfg.top_k, cfg.temperature, progress=main,
+                              autocast=cfg.use_autocast(device))
     vocab = teacher.model.get_output_embeddings().weight.shape[0]
     del teacher
     gc.collect()

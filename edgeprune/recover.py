@@ -47,7 +47,7 @@ class RecoveryConfig:
     top_k: int = 64  # teacher tokens kept per position (edgeprune.teacher; README "Scale" measures k)
     # bfloat16 autocast of the teacher pass and of the student's forward/backward (float32 master weights and
     # loss): "on", "off", or "auto" = where the device computes bf16 natively (placement.native_bf16)
-    autocast: str = "off"
+    autocast: str = "auto"
     # the first N decoder layers stay frozen: no gradient reaches below layer N, which saves their share of the
     # backward pass (bench/recover_budget.py measures time and PPL)
     freeze_layers: int = 0
