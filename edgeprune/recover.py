@@ -12,9 +12,11 @@ which makes a pruned-vs-dense comparison dishonest). ``ce_weight`` mixes in that
 want it anyway.
 
 Every decoder weight is trained (the model is small enough for a full fine-tune on a CPU; LoRA saves optimizer
-memory, not the backward pass that dominates the time here); the token embedding, tied to the output head in
-SmolLM2, stays frozen, so the vocabulary matrix is neither updated nor given optimizer state. A bfloat16/float16
-student is trained in float32 (master weights; AdamW steps are below bf16's resolution) and cast back after.
+memory, not the backward pass that dominates the time here) unless ``freeze_layers`` keeps the lowest layers
+fixed; the token embedding, tied to the output head in SmolLM2, stays frozen, so the vocabulary matrix is neither
+updated nor given optimizer state. A bfloat16/float16 student is trained in float32 (master weights; AdamW steps
+are below bf16's resolution) and cast back after; ``autocast`` runs the teacher pass and the steps' matrix
+products in bfloat16 where the device computes it natively (the loss and the optimizer stay float32).
 
 Launched as several processes (``accelerate launch --multi_gpu --num_processes N`` or ``torchrun``; see
 edgeprune.distill), the loop is data-parallel through ``accelerate.Accelerator``: each process takes an equal
@@ -35,6 +37,7 @@ import torch
 from edgeprune.errors import EdgePruneError
 
 AUTOCAST = ("auto", "on", "off")
+
 
 @dataclass
 class RecoveryConfig:
