@@ -327,7 +327,7 @@ def _target_lines(rows: dict, dense: dict | None, ratios: list[float], mark=lamb
             f = o["ppl"] / dense["ppl"]
             out.append(f"- {r:.0%}: {f:.2f}x{mark(o)} the dense PPL ({dense['ppl']:.2f}); target <= {TARGET_FACTOR}x: "
                        + (f"met ({100 * (1 - f / TARGET_FACTOR):.0f}% under)." if f <= TARGET_FACTOR else f"missed by {100 * (f / TARGET_FACTOR - 1):.0f}%."))
-    return out + [""]
+    return out + [""] if len(out) > 2 else []  # nothing to compare yet: no heading either
 
 
 def profile_section(p: dict) -> list[str]:
