@@ -31,13 +31,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def source_dir(spec: str) -> Path:
-    """The safetensors directory a model spec streams from: a model directory as is; ``default`` or a ``.gguf``
-    file through its safetensors cache (written by one ordinary load the first time)."""
-    from edgeprune.models.loader import DEFAULT_MODEL, gguf_cache_path, resolve_default_gguf
+    """The safetensors directory a model spec streams from: a model directory as is; a packaged model name
+    (``default``, ``gemma3-270m``) or a ``.gguf`` file through its safetensors cache (written by one ordinary load the first time)."""
+    from edgeprune.models.loader import gguf_cache_path, packaged_gguf
 
     path = Path(spec).expanduser()
-    if spec == DEFAULT_MODEL or path.suffix == ".gguf":
-        gguf = resolve_default_gguf() if spec == DEFAULT_MODEL else path
+    gguf = packaged_gguf(spec) or (path if path.suffix == ".gguf" else None)
+    if gguf is not None:
         cached = gguf_cache_path(gguf)
         if not (cached / "manifest.json").is_file():
             from edgeprune.models import load

@@ -22,17 +22,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def resolve_checkpoint(spec: str) -> Path:
-    """A directory holding config.json + safetensors: the checkpoint itself, or the cache of a GGUF/default."""
+    """A directory holding config.json + safetensors: the checkpoint itself, or the cache of a GGUF or of a
+    packaged model name (``default``, ``gemma3-270m``)."""
     from edgeprune.models import load
-    from edgeprune.models.loader import gguf_cache_path, resolve_default_gguf
+    from edgeprune.models.loader import gguf_cache_path, packaged_gguf
 
     path = Path(spec).expanduser()
-    if spec != "default" and path.is_dir():
+    packaged = packaged_gguf(spec)
+    if packaged is None and path.is_dir():
         if not (path / "config.json").is_file():
             raise EdgePruneError(f"{spec} is not a model directory (no config.json)")
         return path
-    if spec == "default" or path.suffix == ".gguf":
-        gguf = resolve_default_gguf() if spec == "default" else path
+    gguf = packaged or (path if path.suffix == ".gguf" else None)
+    if gguf is not None:
         if not gguf.is_file():
             raise EdgePruneError(f"model not found: {spec}")
         cache = gguf_cache_path(gguf)
@@ -41,7 +43,8 @@ def resolve_checkpoint(spec: str) -> Path:
         if not (cache / "manifest.json").is_file():
             raise EdgePruneError(f"could not cache {gguf} as safetensors (is the cache directory writable?)")
         return cache
-    raise EdgePruneError(f"model not found: {spec} (export needs a local model directory, a .gguf or 'default')")
+    raise EdgePruneError(f"model not found: {spec} (export needs a local model directory, a .gguf, 'default' "
+                         "or a packaged model name)")
 
 
 def default_output(ckpt_spec: str, fmt: str, dtype: str) -> Path:

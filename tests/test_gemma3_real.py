@@ -49,6 +49,20 @@ def test_pipeline_keys_a_named_model_by_its_joined_file(tmp_path, monkeypatch):
     assert key == "gguf:" + hashlib.sha256(b"GGUFabcxyz").hexdigest()
 
 
+def test_export_and_streaming_take_a_named_model(tmp_path, monkeypatch):
+    """`edgeprune export gemma3-270m` (and the pipeline's baseline export, and --stream) read the named model's
+    safetensors cache, as they do the default model's; they said 'model not found' before."""
+    from edgeprune.export.artifacts import resolve_checkpoint
+
+    from edgeprune.streaming import source_dir
+
+    loader = _fake_named_gguf(tmp_path, monkeypatch)
+    cache = loader.gguf_cache_path(loader.resolve_named_gguf("fake"))
+    cache.mkdir(parents=True)
+    (cache / "manifest.json").write_text("{}")  # as one ordinary load leaves it
+    assert resolve_checkpoint("fake") == cache and source_dir("fake") == cache
+
+
 @pytest.mark.slow
 def test_gemma3_270m_prunes_generates_and_reloads(tmp_path, data_dir):
     from edgeprune.checkpoint import save_checkpoint

@@ -68,6 +68,16 @@ def resolve_default_gguf() -> Path:
     return path
 
 
+def packaged_gguf(spec: str) -> Path | None:
+    """The GGUF file behind a packaged model name (``default``, a ``NAMED_GGUF`` name), or None for any other spec:
+    the one place every reader of model specs (load, the pipeline's keys, export, streaming) learns those names."""
+    if spec == DEFAULT_MODEL:
+        return resolve_default_gguf()
+    if spec in NAMED_GGUF:
+        return resolve_named_gguf(spec)
+    return None
+
+
 def resolve_named_gguf(name: str) -> Path:
     """The GGUF of a named model (``NAMED_GGUF``): its installed parts joined, in order, into the user cache once
     (written to a temp file and renamed, so an interrupted join leaves nothing)."""
@@ -109,8 +119,8 @@ def load(spec: str = DEFAULT_MODEL, *, use_cache: bool = True, device: str = "cp
 
     place = resolve(device, dtype)  # bad names fail before anything is read
     quiet_transformers()
-    if spec == DEFAULT_MODEL or spec in NAMED_GGUF:
-        gguf = resolve_default_gguf() if spec == DEFAULT_MODEL else resolve_named_gguf(spec)
+    gguf = packaged_gguf(spec)
+    if gguf is not None:
         lm = _load_gguf(gguf, place, use_cache=use_cache)
         lm.spec = spec
         return lm

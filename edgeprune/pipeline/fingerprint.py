@@ -31,18 +31,11 @@ class Fingerprints:
         return self.known[tag]
 
     def model(self, spec: str) -> str:
-        from edgeprune.models.loader import (
-            DEFAULT_MODEL,
-            NAMED_GGUF,
-            is_hub_id,
-            resolve_default_gguf,
-            resolve_named_gguf,
-        )
+        from edgeprune.models.loader import is_hub_id, packaged_gguf
 
-        if spec == DEFAULT_MODEL:
-            return "gguf:" + self.file(resolve_default_gguf())
-        if spec in NAMED_GGUF:  # gemma3-270m: its parts joined into the cache (once), then hashed like a file
-            return "gguf:" + self.file(resolve_named_gguf(spec))
+        gguf = packaged_gguf(spec)  # default, gemma3-270m: hashed like the file they name
+        if gguf is not None:
+            return "gguf:" + self.file(gguf)
         path = Path(spec).expanduser()
         if path.is_file():
             return "file:" + self.file(path)
