@@ -192,9 +192,11 @@ MODEL_LABELS = {"default": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270M
 
 def ablation_section(a: dict) -> list[str]:
     """One model's ablation grid (bench/results/ablation.json: the default model; ablation-MODEL.json: others)."""
+    from ablate import result_name
+
     model = a.get("model", "default")
     label = MODEL_LABELS.get(model, model)
-    stem = "ablation" if model == "default" else f"ablation-{model}"
+    stem = result_name(model)  # the plot is named after the results file
     rows = a["rows"]
     dense = rows.get("dense@0")
     ratios = sorted({r["ratio"] for r in rows.values() if r["ratio"] > 0})
