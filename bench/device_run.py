@@ -5,8 +5,9 @@ timings are qemu-user's, **not device timings**; the table says so on every row.
     python bench/device_run.py                          # out/device-run; README's device-run block
     python bench/device_run.py --set prune.recover_steps=0 --out out/device-run
 
-What it does: finds the emulated device (`make device-sim` builds it), starts a private sshd on 127.0.0.1 (its own
-host key, an authorized key, a free port; as the SSH tests do) unless --host is given, runs
+What it does: finds the emulated device (`make device-sim` builds it), starts a private sshd on 127.0.0.1
+(devices/local_sshd.py, as the SSH tests do: its own host key, an authorized key, a free port) unless --host is
+given, runs
 `edgeprune run demo --device rpi5 --set profile.host=... --set profile.python=<the device's python>` (plus --set
 options), stops the sshd, and writes the run's profile table into README.md between the device-run markers.
 Not here: building the device (devices/sim.py) or anything the pipeline does (edgeprune/pipeline/).
@@ -15,56 +16,16 @@ Not here: building the device (devices/sim.py) or anything the pipeline does (ed
 from __future__ import annotations
 
 import argparse
-import getpass
-import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from common import ROOT
 
-SSHD = "/usr/sbin/sshd"
 START, END = "<!-- device-run:start -->", "<!-- device-run:end -->"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_sshd(d: Path) -> tuple[dict, subprocess.Popen]:
-    """A throwaway sshd on 127.0.0.1 that accepts one fresh key; (ssh settings, process)."""
-    for name in ("host_key", "user_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
-    port = free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n"
-        f"AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n")
-    if os.geteuid() == 0:
-        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=open(d / "sshd.log", "w"),
-                            stderr=subprocess.STDOUT)
-    deadline = time.time() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                sys.exit(f"error: sshd did not start: {(d / 'sshd.log').read_text()[-300:]}")
-            time.sleep(0.1)
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {(d / 'host_key.pub').read_text()}")
-    return {"host": f"{getpass.getuser()}@127.0.0.1", "port": port, "key": str(d / "user_key"),
-            "known_hosts": str(d / "known_hosts")}, proc
 
 
 def table(run_dir: Path, command: str) -> str:
@@ -125,18 +86,22 @@ def main() -> int:
     ap.add_argument("--known-hosts")
     ap.add_argument("--readme", default=str(ROOT / "README.md"), help="'' = do not touch any README")
     args = ap.parse_args()
-    from edgeprune.devices import sim
+    from edgeprune.devices import local_sshd, sim
 
     device = sim.find()
     if device is None:
         sys.exit(f"error: {sim.unavailable_reason()}")
     out = Path(args.out).resolve()
-    proc = None
+    server = None
     with tempfile.TemporaryDirectory(prefix="edgeprune-sshd-") as tmp:
         if args.host:
             ssh = {"host": args.host, "port": args.port, "key": args.key, "known_hosts": args.known_hosts}
         else:
-            ssh, proc = start_sshd(Path(tmp))
+            try:
+                server = local_sshd.start(Path(tmp))
+            except local_sshd.SshdUnavailable as e:
+                sys.exit(f"error: {e}")
+            ssh = server.ssh_settings()
         sets = [f"profile.{k}={v}" for k, v in ssh.items() if v] + [
             f"profile.python={device.python}", f"profile.remote_dir={out}-device", *args.sets]
         cmd = [sys.executable, "-m", "edgeprune", "run", "demo", "--out", str(out), "--device", "rpi5",
@@ -144,9 +109,8 @@ def main() -> int:
         try:
             rc = subprocess.run(cmd).returncode
         finally:
-            if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=10)
+            if server is not None:
+                server.stop()
     if rc != 0:
         return rc
     if args.readme:

@@ -1,12 +1,9 @@
-import getpass
 import os
-import socket
-import subprocess
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from edgeprune.devices import local_sshd
 
 DATA = Path(os.environ.get("EDGEPRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -108,69 +105,18 @@ def artifacts(tmp_path_factory) -> dict:
 
 
 # ---- a real OpenSSH server on 127.0.0.1 standing in for a device (test_ship.py, test_aarch64.py) ----------------
-SSHD = "/usr/sbin/sshd"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _keygen(path: Path) -> Path:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)], check=True)
-    return path
+SSHD, free_port = local_sshd.SSHD, local_sshd.free_port
 
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sshd")
-    host_key, user_key, stranger_key = _keygen(d / "host_key"), _keygen(d / "user_key"), _keygen(d / "stranger")
-    (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
-    port = free_port()
-    user = getpass.getuser()
-    cfg = d / "sshd_config"
-    cfg.write_text(f"""\
-Port {port}
-ListenAddress 127.0.0.1
-HostKey {host_key}
-PidFile {d}/sshd.pid
-AuthorizedKeysFile {d}/authorized_keys
-StrictModes no
-UsePAM no
-PermitRootLogin prohibit-password
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-MaxStartups 100
-Subsystem sftp internal-sftp
-""")
-    if os.geteuid() == 0:
-        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
-    check = subprocess.run([SSHD, "-t", "-f", str(cfg)], capture_output=True, text=True)
-    if check.returncode != 0:
-        pytest.skip(f"sshd rejects the test configuration: {check.stderr.strip()}")
-    log = open(d / "sshd.log", "w")
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.skip(f"sshd did not start: {(d / 'sshd.log').read_text()[-500:]}")
-            time.sleep(0.1)
-    known_hosts = d / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{port} {(d / 'host_key.pub').read_text()}")
-    device = d / "device"
-    device.mkdir()
-    yield SimpleNamespace(port=port, user=user, host=f"{user}@127.0.0.1", key=user_key, stranger_key=stranger_key,
-                          known_hosts=known_hosts, dir=d, device=device)
-    proc.terminate()
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        server = local_sshd.start(tmp_path_factory.mktemp("sshd"))
+    except local_sshd.SshdUnavailable as e:
+        pytest.skip(str(e))
+    device = server.dir / "device"
+    device.mkdir()
+    with server:
+        yield SimpleNamespace(port=server.port, user=server.user, host=server.host, key=server.key,
+                              stranger_key=server.stranger_key, known_hosts=server.known_hosts, dir=server.dir,
+                              device=device)

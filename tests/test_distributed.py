@@ -2,12 +2,12 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from edgeprune.devices.local_sshd import free_port
 
 from edgeprune.checkpoint import save_checkpoint
 from edgeprune.distill import _args, run
@@ -26,12 +26,6 @@ def _pair(tmp_path):
     return dense, save_checkpoint(lm, tmp_path / "pruned", {})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # two launched processes import torch and transformers: ~30-60 s on 2 shared cores
 def test_two_processes_match_one(tmp_path):
     dense, pruned = _pair(tmp_path)
@@ -41,7 +35,7 @@ def test_two_processes_match_one(tmp_path):
     assert one["processes"] == 1
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(_free_port()), "-m", "edgeprune.distill", *common, "-o", str(tmp_path / "two"),
+           str(free_port()), "-m", "edgeprune.distill", *common, "-o", str(tmp_path / "two"),
            "--json", str(tmp_path / "two.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
