@@ -9,7 +9,8 @@ backward pass stops above them), AMP ``fp32`` (default), ``bf16`` (the student's
 
 The teacher targets are computed once for the largest budget; a budget of N steps uses the first N x batch windows
 of them, which are the windows the product draws for N steps (calibration_batches takes its offsets one by one from
-one seeded stream). Prints a table and writes bench/results/recover_budget.json. Timings compare rows of one run
+one seeded stream). The pruned model is kept under --cache (out/recover_budget/KEY), so a rerun with other
+budgets only distills. Prints a table and writes bench/results/recover_budget.json. Timings compare rows of one run
 only (this machine is shared; the load average is recorded).
 """
 
@@ -17,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import os
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
+from pathlib import Path
 
 from common import data_dir, save
 
@@ -39,6 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data")
     ap.add_argument("--budgets", default="100:4e-4,60:6e-4,100:4e-4:10")
+    ap.add_argument("--cache", default="out/recover_budget", help="where the pruned checkpoint is kept between runs")
     ap.add_argument("--name", default="recover_budget", help="results file: bench/results/NAME.json")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override the demo config, as `edgeprune run --set` does (e.g. prune.n_samples=32)")
@@ -51,7 +56,6 @@ def main() -> None:
     from edgeprune.evaluate.ppl import perplexity
     from edgeprune.models import load
     from edgeprune.pipeline.config import load_config
-    from edgeprune.prune import prune_model
     from edgeprune.recover import distill
     from edgeprune.teacher import teacher_targets
 
@@ -79,9 +83,7 @@ def main() -> None:
         teacher_bf16_s = time.perf_counter() - t0
         print(f"teacher targets under bf16 autocast {teacher_bf16_s:.0f} s (float32: {teacher_s or 0:.0f} s)",
               flush=True)
-    t0 = time.perf_counter()
-    record = prune_model(lm, cfg, calib)
-    prune_s = time.perf_counter() - t0
+    lm, record, prune_s = pruned(lm, run.run.model, cfg, calib, Path(args.cache))
     rows = [{"steps": 0, "lr": None, "ppl": ppl(lm.model), "seconds": 0.0}]
     print(f"teacher targets {rc.steps * rc.batch_size} windows {teacher_s or teacher_bf16_s:.0f} s; prune (no recovery) "
           f"{prune_s:.0f} s (scoring {[round(r['scoring_seconds']) for r in record['rounds']]}); "
@@ -108,6 +110,28 @@ def main() -> None:
     save(args.name, {"overrides": args.set, "prune_config": record["config"], "teacher_seconds": teacher_s,
                             "teacher_bf16_seconds": teacher_bf16_s,
                             "prune_seconds": prune_s, "rows": rows, "threads": torch.get_num_threads()})
+
+
+def pruned(lm, model: str, cfg, calib, cache: Path):
+    """The demo's pruned model (lm pruned in place) with its record and prune seconds. The checkpoint is kept under
+    ``cache``, keyed by the prune config, the calibration text and the model, so that a second run with other
+    budgets does not prune again (the seconds are then the first run's)."""
+    from edgeprune.checkpoint import save_checkpoint
+    from edgeprune.models import load
+    from edgeprune.prune import prune_model
+
+    text = json.dumps([asdict(cfg), calib.sha256, model],
+                      sort_keys=True, default=str)
+    path = cache / hashlib.sha256(text.encode()).hexdigest()[:16]
+    if (path / "manifest.json").is_file():
+        fields = json.loads((path / "manifest.json").read_text())
+        print(f"pruned model from {path} (cached; delete it to prune again)", flush=True)
+        return load(str(path)), fields["record"], fields["prune_seconds"]
+    t0 = time.perf_counter()
+    record = prune_model(lm, cfg, calib)
+    seconds = time.perf_counter() - t0
+    save_checkpoint(lm, path, {"record": record, "prune_seconds": seconds})
+    return lm, record, seconds
 
 
 def replace_steps(prune_cfg, steps: int, lr: float | None = None):
