@@ -158,6 +158,14 @@ class OrtGenerator:
             raise ValueError(f"no tokenizer.json in {self.dir}")
         return self.tokenizer.encode(text).ids
 
+    def special_prefix(self) -> list[int]:
+        """The ids the tokenizer puts before any text (Gemma's BOS; none for SmolLM2), as ``encode`` adds them."""
+        if self.tokenizer is None:
+            return []
+        plain = self.tokenizer.encode("a", add_special_tokens=False).ids
+        full = self.tokenizer.encode("a").ids
+        return full[: len(full) - len(plain)] if plain and full[len(full) - len(plain):] == plain else []
+
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
             raise ValueError(f"no tokenizer.json in {self.dir}")
@@ -221,8 +229,10 @@ class OrtGenerator:
 
     # ---- evaluation -----------------------------------------------------------------------------------------
     def perplexity(self, ids, seq_len: int = 128, max_tokens: int | None = None, batch_size: int = 1) -> dict:
-        """PPL with edgeprune's protocol: non-overlapping windows of ``seq_len`` tokens (last partial window
-        dropped), each scored independently, PPL = exp(mean NLL over all predicted tokens)."""
+        """PPL with edgeprune's protocol (``edgeprune.evaluate.ppl``): non-overlapping windows of ``seq_len`` text
+        tokens (last partial window dropped), each scored independently after the tokenizer's special prefix (an
+        unscored BOS for Gemma, which is several times worse without it), PPL = exp(mean NLL over all predicted
+        tokens)."""
         if seq_len < 2:
             raise ValueError("seq_len must be at least 2")
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -231,13 +241,16 @@ class OrtGenerator:
         n = ids.size // seq_len
         if n == 0:
             raise ValueError(f"{ids.size} tokens are fewer than one window of {seq_len}")
+        prefix = self.special_prefix()
         windows = ids[: n * seq_len].reshape(n, seq_len)
+        windows = np.concatenate([np.tile(np.asarray(prefix, dtype=np.int64), (n, 1)), windows], 1)
+        skip = len(prefix)  # the predictions made at the prefix (of the window's first token) are not scored
         nll, count = 0.0, 0
         start = time.perf_counter()
         for b in range(0, n, batch_size):
             batch = windows[b : b + batch_size]
-            logits = self.prefill(batch)[:, :-1].astype(np.float32)
-            target = batch[:, 1:]
+            logits = self.prefill(batch)[:, skip:-1].astype(np.float32)
+            target = batch[:, skip + 1:]
             m = logits.max(axis=-1, keepdims=True)
             lse = np.log(np.exp(logits - m).sum(axis=-1)) + m[..., 0]
             picked = np.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
@@ -245,7 +258,7 @@ class OrtGenerator:
             count += target.size
         mean = nll / count
         return {"ppl": math.exp(mean), "nll": mean, "seq_len": seq_len, "windows": n,
-                "tokens_scored": n * seq_len, "seconds": time.perf_counter() - start}
+                "tokens_scored": n * seq_len, "prefix": prefix, "seconds": time.perf_counter() - start}
 
     def benchmark(self, prompt_tokens: int = 128, new_tokens: int = 32, repeats: int = 3) -> dict:
         """Prefill latency of ``prompt_tokens`` tokens and decode ms/token (median over ``repeats``)."""

@@ -145,6 +145,34 @@ def test_generator_text_timing_and_perplexity(tiny_exports):
     assert got["windows"] == ref["windows"] and got["ppl"] == pytest.approx(ref["ppl"], rel=1e-4)
 
 
+def test_perplexity_with_a_bos_adding_tokenizer_matches_pytorch(tmp_path):
+    """Windows start with an unscored BOS in onnxruntime too when the tokenizer adds one (as Gemma's does: without
+    it Gemma-3-270M's int8 ONNX scored PPL 481 where PyTorch and llama.cpp score 48)."""
+    from edgeprune.devices.ort_generate import OrtGenerator
+    from edgeprune.export.onnx import export_onnx
+    from tokenizers.processors import TemplateProcessing
+
+    from edgeprune.checkpoint import save_checkpoint
+    from edgeprune.data import Text
+    from edgeprune.evaluate.ppl import perplexity
+    from edgeprune.models import load
+    from edgeprune.models.tiny import build_tiny
+
+    lm = build_tiny("llama")
+    lm.tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A",
+                                                                       special_tokens=[("<s>", 256)])
+    ck = save_checkpoint(lm, tmp_path / "ck", {})
+    export_onnx(ck, tmp_path / "onnx")
+    lm = load(str(ck))
+    g = OrtGenerator(tmp_path / "onnx", threads=1)
+    assert g.special_prefix() == [256] == lm.tokenizer("a")["input_ids"][:1]
+    text = Text("The quick brown fox jumps over the lazy dog. " * 4, "fox")
+    ref = perplexity(lm.model, lm.tokenizer, text, seq_len=32, progress=False)
+    got = g.perplexity(lm.tokenizer(text.text, add_special_tokens=False)["input_ids"], seq_len=32)
+    assert got["windows"] == ref["windows"] == 5 and got["prefix"] == [256]
+    assert got["ppl"] == pytest.approx(ref["ppl"], rel=1e-4)
+
+
 def test_fp16_int8_and_optimizer_paths(tmp_path, tiny_exports):
     """The conversions run end to end and pass their (dtype-specific) parity check on a tiny model."""
     import onnx

@@ -359,3 +359,19 @@ def test_an_artifact_the_format_cannot_hold_is_reported_not_fatal(tmp_path):
     assert "Not exported, pruned GGUF fp32: cannot export this gemma3_text checkpoint" in report
     r = cli("export", str(pruned), "--format", "gguf", "--dtype", "fp32", "-o", str(tmp_path / "x"))
     assert r.returncode != 0 and "Traceback" not in r.stderr and "--allocator uniform" in r.stderr
+
+
+def test_the_report_takes_the_ablation_of_the_runs_model(tmp_path):
+    """A run of another model never shows the default model's ablation table; it takes ablation-MODEL.json."""
+    from edgeprune.pipeline.plan import _ablation_source
+
+    default = tmp_path / "ablation.json"
+    default.write_text(json.dumps({"rows": {}}))  # written before the files named their model: the default's
+    cfg = load_config("demo", [f"report.ablation={default}"])
+    assert _ablation_source(cfg) == default
+    gemma = load_config("demo", [f"report.ablation={default}", "run.model=gemma3-270m"])
+    assert _ablation_source(gemma) is None
+    (tmp_path / "ablation-gemma3-270m.json").write_text(json.dumps({"model": "gemma3-270m", "rows": {}}))
+    assert _ablation_source(gemma) == tmp_path / "ablation-gemma3-270m.json"
+    path_model = load_config("demo", [f"report.ablation={default}", f"run.model={tmp_path / 'ck'}"])
+    assert _ablation_source(path_model) is None

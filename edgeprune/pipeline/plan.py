@@ -18,6 +18,7 @@ Not here: running them (engine.py) or what each does (stages.py).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -41,10 +42,21 @@ from edgeprune.rundir import VARIANTS
 
 
 def _ablation_source(cfg: RunConfig) -> Path | None:
+    """The ablation table of the run's model: ``report.ablation`` when it was measured on that model (its "model"
+    field; files without one are the default model's), else ``ablation-MODEL.json`` beside it (bench/ablate.py's
+    name for another model's grid), else none, so a Gemma run never shows SmolLM2's table."""
     if not cfg.report.ablation:
         return None
     p = Path(cfg.report.ablation).expanduser()
-    return p if p.is_file() else None
+    model = cfg.run.model
+    named = [p.with_name(f"ablation-{model}.json")] if model and "/" not in model and "\\" not in model else []
+    for path in (p, *named):
+        try:
+            if json.loads(path.read_text()).get("model", "default") == model:
+                return path
+        except (OSError, ValueError):  # absent, unreadable or not JSON: no table from it
+            continue
+    return None
 
 
 def _tasks(cfg: RunConfig) -> tuple[Path | None, dict[str, str]]:

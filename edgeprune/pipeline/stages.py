@@ -283,8 +283,11 @@ class ArtifactPPLStage(ArtifactStage):
     verb: ClassVar[str] = "PPL of"
 
     def inputs(self) -> dict:
-        return {"seq_len": self.ev.seq_len, "max_tokens": self.ev.max_tokens, "batch_size": self.ev.batch_size,
+        keys = {"seq_len": self.ev.seq_len, "max_tokens": self.ev.max_tokens, "batch_size": self.ev.batch_size,
                 "text": self.text.sha256}
+        if self.format == "onnx":  # onnxruntime's windows start with the tokenizer's BOS since this protocol
+            keys["protocol"] = "special-prefix"
+        return keys
 
     def run(self, out: Path) -> ArtifactPPLResult:
         from edgeprune.errors import EdgePruneError
