@@ -14,4 +14,5 @@ class FormatUnsupported(EdgePruneError):
 def first_line(e: BaseException) -> str:
     """An exception as one short line, for user-facing messages."""
     text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
+    line = text.splitlines()[0]
+    return line if len(line) <= 300 else line[:299] + "…"

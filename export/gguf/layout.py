@@ -199,8 +199,7 @@ def choose_arch(fam: Family, facts: Facts) -> Arch:
         reasons.append(why)
     if not fam.gguf_per_layer_arch and not facts.uniform:
         reasons.append(f"no llama.cpp architecture reads per-layer widths for {fam.name}")
-    hint = ("; prune with --allocator uniform (every layer the same widths, no block removed; --round-to N keeps "
-            "them multiples of N) to export it" if not facts.uniform else "")
+    hint = "; prune with --allocator uniform (the same widths in every layer) to export it" if not facts.uniform else ""
     raise FormatUnsupported(f"cannot export this {fam.name} checkpoint to GGUF: {'; '.join(reasons)}{hint}")
 
 
