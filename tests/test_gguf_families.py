@@ -10,7 +10,7 @@ from edgeprune.export.gguf.reader import metadata
 
 from edgeprune.adapters.families import FAMILIES, family_for
 from edgeprune.checkpoint import save_checkpoint
-from edgeprune.errors import EdgePruneError
+from edgeprune.errors import EdgePruneError, first_line
 from edgeprune.models.tiny import build_tiny
 from edgeprune.plan import LayerPlan, PruningPlan
 from edgeprune.surgery import apply_plan
@@ -121,8 +121,9 @@ def test_output_biases_without_a_per_layer_arch_are_refused(tmp_path, family):
     lm = build_tiny(family)
     apply_plan(lm.adapter, uniform_plan(False), attention_bias={i: 0.1 * torch.ones(96) for i in range(3)})
     ckpt = save_checkpoint(lm, tmp_path / "ck", {})
-    with pytest.raises(EdgePruneError, match="adds no o output bias"):
+    with pytest.raises(EdgePruneError, match="adds no o output bias") as e:
         export_gguf(ckpt, tmp_path / "m.gguf", "f32")
+    assert "--no-reconstruct" in str(e.value) and first_line(e.value) == str(e.value)  # whole, on one line
 
 
 def test_q8_0_qwen3(tmp_path):

@@ -83,7 +83,8 @@ def fit(arch: Arch, facts: Facts) -> str | None:
         return f"llama.cpp's {arch.name} has no q/k/v biases"
     if facts.out_biases - arch.out_biases:
         missing = "/".join(sorted(facts.out_biases - arch.out_biases))
-        return f"llama.cpp's {arch.name} adds no {missing} output bias (from --bias-compensation)"
+        return (f"llama.cpp's {arch.name} adds no {missing} output bias (the least-squares refit's or "
+                "--bias-compensation's: prune with --no-reconstruct and without --bias-compensation to export it)")
     if facts.activation != arch.activation:
         return f"llama.cpp's {arch.name} uses {arch.activation}, the model {facts.activation}"
     if facts.embed_scale != arch.embed_scale:
