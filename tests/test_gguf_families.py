@@ -94,6 +94,21 @@ def test_nonuniform_without_a_per_layer_arch_is_refused_in_one_line(tmp_path, fa
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"cannot export this {family_for(family).name} checkpoint")
     assert "reads one head count and FFN width for all layers" in msg
+    assert "--no-reconstruct" not in msg  # no output biases here
+
+
+def test_the_refusal_names_every_change_at_once(tmp_path):
+    """Per-layer widths and refit biases on Gemma 3: the one line asks for uniform widths and no refit together,
+    so that the user's next try exports."""
+    import torch
+
+    lm = build_tiny("gemma3_text")
+    apply_plan(lm.adapter, nonuniform_plan(), attention_bias={1: 0.1 * torch.ones(lm.adapter.hidden_size)})
+    ckpt = save_checkpoint(lm, tmp_path / "ck", {})
+    with pytest.raises(EdgePruneError) as e:
+        export_gguf(ckpt, tmp_path / "m.gguf", "f32")
+    assert str(e.value).endswith("--allocator uniform (the same widths in every layer) and --no-reconstruct (no "
+                                 "output biases) to export it")
     assert not (tmp_path / "m.gguf").exists()
 
 
