@@ -332,6 +332,28 @@ def _target_lines(rows: dict, dense: dict | None, ratios: list[float], mark=lamb
     return out + [""] if len(out) > 2 else []  # nothing to compare yet: no heading either
 
 
+def pipeline_runs_section(r: dict) -> list[str]:
+    """bench/pipeline_runs.py's runs: one `edgeprune run` results table per run (the report's own table)."""
+    from edgeprune.report_readme import readme_table
+
+    lines = ["## Whole-pipeline runs (`bench/pipeline_runs.py`)", "",
+             "Each run is `edgeprune run` through every stage (README, Pipeline); the table is the run report's "
+             "results table (edgeprune/report_readme.py). Profiles ran on this shared 2-core host: the load "
+             "average (1 min) at the start / end of each profile is listed under its table.", ""]
+    for name, run in r["runs"].items():
+        data = run["report"]
+        lines += [f"### {name}", "", f"`{run['command']}`", "", readme_table(data).rstrip(), ""]
+        lines += [f"Not exported, {a['variant']} {a['format'].upper()} {a['dtype']}: {a['skipped']}."
+                  for a in data.get("artifacts", []) if a.get("skipped")]
+        loads = run.get("profile_load") or {}
+        if loads:
+            lines.append("Load average during the profiles: " + "; ".join(
+                f"{k} {a:.1f} / {b:.1f}" if b is not None else f"{k} {a:.1f}" for k, (a, b) in loads.items())
+                + ".")
+        lines.append("")
+    return lines
+
+
 def profile_section(p: dict) -> list[str]:
     """bench/device_profile.py's rows: the device profiler on this CPU, and pruned vs dense per format/dtype."""
     rows = {r["label"]: r for r in p["rows"]}
@@ -438,6 +460,9 @@ def main() -> None:
     p = load_result("profile")
     if p:
         lines += profile_section(p)
+    runs = load_result("pipeline_runs")
+    if runs and runs.get("runs"):
+        lines += pipeline_runs_section(runs)
     f = load_result("fit")
     if f and f.get("table"):
         lines += fit_section(f, load_result("fit_short"))

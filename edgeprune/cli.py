@@ -242,19 +242,14 @@ def report_cmd(
     readme: Annotated[Path | None, typer.Option("--readme", help="also rewrite the results block of this README "
                                                 "(between <!-- run-table:start --> and <!-- run-table:end -->)")]
     = None,
-    block: Annotated[str, typer.Option("--block", help="with --readme: the block between <!-- run-table:NAME:start "
-                                       "--> and <!-- run-table:NAME:end --> instead (several runs in one file)")]
-    = "",
 ) -> None:
     """Rewrite RUN_DIR/report (JSON, Markdown, self-contained HTML) from the run directory's stage results."""
     from edgeprune.report import collect, regenerate
     from edgeprune.report_readme import update_readme
 
-    if block and readme is None:
-        raise EdgePruneError("--block names a block of the file --readme gives; add --readme FILE")
     paths = regenerate(run_dir)
     if readme is not None:
-        update_readme(readme, collect(run_dir), block)
+        update_readme(readme, collect(run_dir))
         out.print(f"updated the results table in {readme}", highlight=False)
     out.print(f"report: {paths['html']}  (also {paths['markdown'].name}, {paths['json'].name})", highlight=False,
               soft_wrap=True)

@@ -155,24 +155,6 @@ def test_readme_block_is_rewritten(run_dir, tmp_path):
         update_readme(readme, collect(run_dir))
 
 
-def test_named_blocks_hold_several_runs_in_one_file(run_dir, tmp_path):
-    from edgeprune.report_readme import markers
-
-    bench = tmp_path / "BENCHMARKS.md"
-    (a0, a1), (b0, b1) = markers("gemma"), markers("gemma-uniform")
-    bench.write_text(f"{README_START}\nkeep\n{README_END}\n{a0}\nOLD-A\n{a1}\nmiddle\n{b0}\nOLD-B\n{b1}\n")
-    update_readme(bench, collect(run_dir), "gemma-uniform")
-    text = bench.read_text()
-    assert "OLD-A" in text and "OLD-B" not in text and "keep" in text and "middle" in text
-    assert "--readme BENCHMARKS.md --block gemma-uniform`" in text and "31.42" in text.split(b0)[1]
-    with pytest.raises(EdgePruneError, match="run-table:other:start"):
-        update_readme(bench, collect(run_dir), "other")
-    with pytest.raises(EdgePruneError, match="--block"):
-        markers("a b")
-    p = subprocess.run([sys.executable, "-m", "edgeprune", "report", str(run_dir), "--block", "gemma"],
-                       capture_output=True, text=True)
-    assert p.returncode == 2 and "--readme" in p.stderr and "Traceback" not in p.stderr
-
 def test_cli_report(run_dir, tmp_path):
     p = subprocess.run([sys.executable, "-m", "edgeprune", "report", str(run_dir)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
