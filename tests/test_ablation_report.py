@@ -50,3 +50,21 @@ def test_other_model_section(monkeypatch):
     assert text.startswith("## Ablation on Gemma-3-270M") and "--model gemma3-270m" in text.splitlines()[0]
     assert plots == ["ablation-gemma3-270m.png"] and "bench/ablation-gemma3-270m.png" in text
     assert "BoolQ is a yes/no task" not in text
+
+
+def test_pipeline_runs_section_is_the_runs_report_table():
+    """bench/pipeline_runs.py's runs render as the report's own table, with the not-exported note and the loads."""
+    gguf = {"variant": "pruned", "format": "gguf", "dtype": "q8_0", "skipped": "cannot export this checkpoint"}
+    data = {"model": "gemma3-270m", "device": "cpu", "run_dir": "out/pipeline/x",
+            "prune": {"config": {"ratio": 0.2, "scorer": "piem", "allocator": "uniform"}},
+            "models": {"baseline": {"params": 268e6, "ppl": 47.61, "ppl_text": "wiki", "ppl_seq_len": 128,
+                                    "ppl_tokens": 8192},
+                       "pruned": {"params": 248e6, "ppl": 91.65}},
+            "artifacts": [gguf]}
+    text = "\n".join(report.pipeline_runs_section({"runs": {"x": {
+        "command": "edgeprune run --model gemma3-270m", "profile_load": {"baseline-gguf-q8_0": [2.99, 2.84]},
+        "report": data}}}))
+    assert "### x" in text and "`edgeprune run --model gemma3-270m`" in text
+    assert "| unpruned | PyTorch fp32 | 268.0M |" in text and "91.65" in text
+    assert "Not exported, pruned GGUF q8_0: cannot export this checkpoint." in text
+    assert "baseline-gguf-q8_0 3.0 / 2.8" in text
