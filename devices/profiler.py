@@ -51,7 +51,6 @@ _art, _machine, _memory, _timing = (_sibling(m) for m in ("artifact_info", "mach
 ProfileError, artifact_format, artifact_info, model_shape = (_art.ProfileError, _art.artifact_format,
                                                              _art.artifact_info, _art.model_shape)
 MiB, machine_info, rss_mb, peak_rss_mb = _machine.MiB, _machine.machine_info, _machine.rss_mb, _machine.peak_rss_mb
-_cpu_model, _versions = _machine.cpu_model, _machine.versions  # their names before the split
 DEFAULT_DECODE_PROMPT, estimate_memory, estimate_memory_for = (_memory.DEFAULT_DECODE_PROMPT, _memory.estimate_memory,
                                                                _memory.estimate_memory_for)
 check_memory, resolve_budget, plan_context, memory_check_for = (_memory.check_memory, _memory.resolve_budget,
@@ -142,7 +141,7 @@ def profile(artifact, *, device: str | None = None, threads=None, providers=None
     if skipped:
         warnings.append(f"prompt lengths {skipped} exceed the model's context of {limit} tokens and were skipped")
     runtime = backend.describe()
-    runtime["versions"] = _versions(["numpy", "psutil", "tokenizers", "onnxruntime", "llama_cpp"])
+    runtime["versions"] = _machine.versions(["numpy", "psutil", "tokenizers", "onnxruntime", "llama_cpp"])
     backend.close()
     return {
         "schema": SCHEMA,

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from edgeprune.devices import bundle, sim
-from edgeprune.devices.ship import Remote, Shipper
+from edgeprune.devices.ship import Shipper
+from edgeprune.devices.ssh import Remote
 
 from edgeprune.errors import EdgePruneError
 

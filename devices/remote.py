@@ -24,7 +24,7 @@ import shlex
 import socket
 from pathlib import Path
 
-from edgeprune.devices import bundle, emulation, greedy, profiles, provision
+from edgeprune.devices import bundle, emulation, greedy, machine, profiles, provision, ssh
 from edgeprune.devices import ship as shipmod
 from edgeprune.devices.profiles import DeviceProfile
 
@@ -67,9 +67,9 @@ KEY_FIELDS = ("arch", "emulated", "cpu_model", "board", "python", "runtimes")
 
 
 def connect(device: str | DeviceProfile, host: str | None = None, port: int | None = None, key: str | None = None,
-            known_hosts: str | None = None) -> tuple[DeviceProfile, shipmod.Remote]:
+            known_hosts: str | None = None) -> tuple[DeviceProfile, ssh.Remote]:
     prof = device if isinstance(device, DeviceProfile) else profiles.load(device)
-    return prof, shipmod.resolve_remote(prof, host, port, key, known_hosts)
+    return prof, ssh.resolve_remote(prof, host, port, key, known_hosts)
 
 
 def _identity(doc: dict, host: str | None) -> dict:
@@ -81,7 +81,7 @@ def _identity(doc: dict, host: str | None) -> dict:
 
 def local_identity() -> dict:
     """This machine's identity, in the same form (what a pipeline profiling here keys on)."""
-    cpu = shipmod.prof._cpu_model()
+    cpu = machine.cpu_model()
     return _identity({"arch": platform.machine(), "emulation": emulation.detect(), "hostname": socket.gethostname(),
                       "cpu_model": cpu, "board": None, "system": platform.system(), "release": platform.release(),
                       "python": platform.python_version(), "runtimes": _runtime_versions()}, None)
@@ -99,7 +99,7 @@ def _runtime_versions() -> dict[str, str]:
     return out
 
 
-def device_identity(profile: DeviceProfile, remote: shipmod.Remote, python: str | None = None) -> dict:
+def device_identity(profile: DeviceProfile, remote: ssh.Remote, python: str | None = None) -> dict:
     """Ask the device who it is (one SSH round trip; the standard library only, so it works before setup)."""
     sh = shipmod.Shipper(remote, python or profile.python, profile.remote_dir, log=lambda m: None)
     src = (shipmod.DEVICE_DIR / "emulation.py").read_text().split('\nif __name__ == "__main__":')[0]
@@ -116,7 +116,7 @@ def prepare(artifact, profile: DeviceProfile, remote, python, remote_dir, setup:
     """The device's python, after setting the device up for this artifact's format when asked (``--setup``)."""
     python = python or profile.python
     if setup:
-        fmt, _ = shipmod._artifact_format(Path(artifact))
+        fmt, _ = shipmod.artifact_format(Path(artifact))
         python = provision.setup(remote, python, remote_dir or profile.remote_dir, [fmt], wheels,
                                  transport=transport, quiet=quiet)["python"]
     return python

@@ -16,20 +16,25 @@ every file is the directory marked ``COMPLETE`` and renamed (see ``bundle.py``).
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeprune.devices import bundle
 from edgeprune.devices import profiler as prof
 from edgeprune.devices.profiles import DeviceProfile
+from edgeprune.devices.ssh import (
+    SAFE_PATH,
+    Remote,
+    error_line,
+    run_streaming,
+    safe_name,
+    safe_remote_path,
+    ssh_error,
+)
 
 from edgeprune.errors import EdgePruneError
 
@@ -42,59 +47,6 @@ DEVICE_REQUIREMENTS = {
 }
 PIP_NAMES = {"llama_cpp": "llama-cpp-python", "onnxruntime": "onnxruntime"}
 TRANSPORTS = ("auto", "rsync", "scp")
-_SAFE = re.compile(r"^[A-Za-z0-9._/+~-]+$")
-_SAFE_HOST = re.compile(r"^[A-Za-z0-9._@%:\[\]-]+$")
-
-
-# ---- processes ------------------------------------------------------------------------------------------------
-def run_streaming(cmd: list[str], *, timeout: float | None = None, echo: str | None = None,
-                  input_text: str | None = None) -> tuple[int, str, str]:
-    """Run ``cmd``; return (exit code, stdout, stderr). Stderr lines are echoed live with the prefix ``echo``
-    (None: not echoed). On timeout the process is killed and the exit code is -9."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
-    out_chunks: list[str] = []
-    err_lines: list[str] = []
-
-    def read_err():
-        for line in proc.stderr:
-            err_lines.append(line)
-            if echo is not None and not line.startswith("error: "):
-                print(f"{echo}{line}", end="", file=sys.stderr, flush=True)
-
-    def read_out():
-        out_chunks.append(proc.stdout.read())
-
-    threads = [threading.Thread(target=read_err, daemon=True), threading.Thread(target=read_out, daemon=True)]
-    for t in threads:
-        t.start()
-    if input_text is not None:
-        try:
-            proc.stdin.write(input_text)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        rc = -9
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    for t in threads:
-        t.join(timeout=5)
-    return rc, "".join(out_chunks), "".join(err_lines)
-
-
-def _error_line(stderr: str) -> str:
-    for line in reversed(stderr.strip().splitlines()):
-        if line.startswith("error: "):
-            return line[len("error: "):].strip()
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    return lines[-1].strip()[:300] if lines else "no output"
 
 
 # ---- local profiling --------------------------------------------------------------------------------------------
@@ -102,7 +54,7 @@ def profile_local(artifact: Path, profile: DeviceProfile, overrides: dict | None
                   timeout: float | None = None, quiet: bool = False) -> dict:
     """Run the device profiler on this machine, in a fresh Python process (so that its peak-memory figure is the
     profiler's own), with the device profile's settings."""
-    fmt, _ = _artifact_format(artifact)
+    fmt, _ = artifact_format(artifact)
     profile.check_format(fmt)
     args = profile.profiler_args(fmt, **(overrides or {}))
     cmd = [sys.executable, "-m", "edgeprune.devices.profiler", str(artifact), *args]
@@ -110,14 +62,14 @@ def profile_local(artifact: Path, profile: DeviceProfile, overrides: dict | None
     if rc == -9:
         raise EdgePruneError(f"the profiler did not finish within {timeout:.0f} s")
     if rc != 0:
-        raise EdgePruneError(_error_line(err) if rc == 2 else f"the profiler failed (exit {rc}): {_error_line(err)}")
+        raise EdgePruneError(error_line(err) if rc == 2 else f"the profiler failed (exit {rc}): {error_line(err)}")
     try:
         return json.loads(out)
     except ValueError:
         raise EdgePruneError(f"the profiler printed no JSON: {out[-200:]!r}") from None
 
 
-def _artifact_format(artifact: Path) -> tuple[str, Path]:
+def artifact_format(artifact: Path) -> tuple[str, Path]:
     try:
         return prof.artifact_format(Path(artifact))
     except prof.ProfileError as e:
@@ -138,123 +90,13 @@ def check_memory_here(artifact: Path, profile: DeviceProfile, overrides: dict | 
         raise EdgePruneError(str(e)) from None
 
 
-# ---- SSH ------------------------------------------------------------------------------------------------------
-@dataclass
-class Remote:
-    host: str  # [user@]address or an ssh_config alias
-    port: int | None = None
-    key: str | None = None
-    known_hosts: str | None = None
-    connect_timeout: int = 10
-    options: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        if not self.host or self.host.startswith("-") or not _SAFE_HOST.match(self.host):
-            raise EdgePruneError(f"invalid SSH host {self.host!r} (expected user@address)")
-        if self.port is not None and not 0 < int(self.port) < 65536:
-            raise EdgePruneError(f"invalid SSH port {self.port}")
-        if self.key and not Path(self.key).expanduser().is_file():
-            raise EdgePruneError(f"SSH key not found: {self.key}")
-        if self.known_hosts and not Path(self.known_hosts).expanduser().is_file():
-            raise EdgePruneError(f"known_hosts file not found: {self.known_hosts}")
-
-    @property
-    def label(self) -> str:
-        return f"{self.host}:{self.port}" if self.port else self.host
-
-    def options_args(self) -> list[str]:
-        opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(self.connect_timeout)}",
-                "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
-        if self.known_hosts:
-            opts += ["-o", f"UserKnownHostsFile={Path(self.known_hosts).expanduser()}"]
-        if self.key:
-            opts += ["-i", str(Path(self.key).expanduser()), "-o", "IdentitiesOnly=yes"]
-        for o in self.options:
-            opts += ["-o", o]
-        return opts
-
-    def ssh(self, remote_command: str) -> list[str]:
-        port = ["-p", str(self.port)] if self.port else []
-        return ["ssh", *self.options_args(), *port, "--", self.host, remote_command]
-
-    def ssh_command_line(self) -> str:
-        """The ``ssh`` invocation for rsync's ``-e``."""
-        port = ["-p", str(self.port)] if self.port else []
-        return shlex.join(["ssh", *self.options_args(), *port])
-
-    def target(self, remote_path: str) -> str:
-        user, at, addr = self.host.rpartition("@")
-        if ":" in addr and not addr.startswith("["):  # IPv6 literal
-            addr = f"[{addr}]"
-        return f"{user}{at}{addr}:{remote_path}"
-
-
-def resolve_remote(profile: DeviceProfile, host: str | None = None, port: int | None = None, key: str | None = None,
-                   known_hosts: str | None = None, connect_timeout: int | None = None) -> Remote:
-    s = profile.ssh
-    host = host or s.host
-    if not host:
-        raise EdgePruneError(f"no SSH host for device '{profile.name}': pass --host user@address (make HOST=...) "
-                             f"or set [ssh] host in {profile.source}")
-    if "@" not in host and s.user:
-        host = f"{s.user}@{host}"
-    return Remote(host=host, port=port or s.port, key=key or s.key, known_hosts=known_hosts or s.known_hosts,
-                  connect_timeout=connect_timeout or s.connect_timeout, options=list(s.options))
-
-
-_SSH_ERRORS = (
-    (("Host key verification failed", "REMOTE HOST IDENTIFICATION HAS CHANGED", "No ED25519 host key is known",
-      "host key for", "No matching host key"),
-     "host key of {label} is not trusted: {line} (host keys are checked against known_hosts; after checking the "
-     "fingerprint add it with `ssh-keyscan -p PORT ADDRESS >> ~/.ssh/known_hosts`, or pass --known-hosts FILE)"),
-    (("Permission denied", "Too many authentication failures", "no mutual signature"),
-     "authentication failed for {label}: {line} (BatchMode: no password prompt; pass --key FILE or load the key "
-     "into ssh-agent, and check the user)"),
-    (("Connection refused",), "cannot connect to {label}: connection refused (is sshd running on that port?)"),
-    (("timed out", "Connection timed out"),
-     "cannot connect to {label}: no answer within {timeout} s (wrong address, host down or firewalled?)"),
-    (("No route to host", "Network is unreachable", "Host is unreachable"),
-     "cannot connect to {label}: host unreachable ({line})"),
-    (("Could not resolve hostname", "Name or service not known", "nodename nor servname"),
-     "cannot connect to {label}: unknown host name ({line})"),
-    (("Connection closed", "Connection reset", "Broken pipe", "kex_exchange_identification"),
-     "connection to {label} was closed: {line}"),
-)
-
-
-def ssh_error(remote: Remote, stderr: str) -> str | None:
-    """A one-line explanation of an OpenSSH failure, or None when stderr shows none."""
-    for needles, template in _SSH_ERRORS:
-        for line in stderr.splitlines():
-            if any(n.lower() in line.lower() for n in needles):
-                line = line.strip().removeprefix("ssh: ")
-                return template.format(label=remote.label, line=line, timeout=remote.connect_timeout)
-    return None
-
-
-def _safe_remote_path(path: str, what: str) -> str:
-    """A path relative to the login directory (``~/x`` -> ``x``) or absolute, in a shell-safe character set."""
-    if path.startswith("~/"):
-        path = path[2:]
-    elif path == "~":
-        path = "."
-    path = path.rstrip("/") or "/"
-    if not _SAFE.match(path) or path.startswith("-") or "~" in path or ".." in path.split("/"):
-        raise EdgePruneError(f"{what} {path!r}: use letters, digits and . _ - + / only (no spaces, no ..)")
-    return path
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip(".-") or "artifact"
-
-
 class Shipper:
     """One ship: the bundle's files, the remote paths and the SSH calls."""
 
     def __init__(self, remote: Remote, python: str, remote_dir: str, log=None):
         self.remote = remote
         self.python = python
-        self.remote_dir = _safe_remote_path(remote_dir, "remote directory")
+        self.remote_dir = safe_remote_path(remote_dir, "remote directory")
         if not python or python.startswith("-") or any(c.isspace() for c in python):
             raise EdgePruneError(f"invalid remote python {python!r} (one program name or path)")
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -270,13 +112,13 @@ class Shipper:
             raise EdgePruneError(f"{what} on {self.remote.label} did not finish within {limit:.0f} s")
         if rc == 255:
             raise EdgePruneError(ssh_error(self.remote, err) or f"ssh to {self.remote.label} failed: "
-                                 f"{_error_line(err)}")
+                                 f"{error_line(err)}")
         if rc == 127 and ("not found" in err or "No such file" in err):
             raise EdgePruneError(f"remote python '{self.python}' not found on {self.remote.label} (set [remote] "
                                  f"python in the device profile, or --python PATH)")
         if rc == 2 and "error: " in err:
-            raise EdgePruneError(f"on {self.remote.label}: {_error_line(err)}")
-        raise EdgePruneError(f"{what} on {self.remote.label} failed (exit {rc}): {_error_line(err)}")
+            raise EdgePruneError(f"on {self.remote.label}: {error_line(err)}")
+        raise EdgePruneError(f"{what} on {self.remote.label} failed (exit {rc}): {error_line(err)}")
 
     def agent(self, op: str, params: dict) -> dict:
         src = (DEVICE_DIR / "bundle.py").read_text()
@@ -348,7 +190,7 @@ class Shipper:
             cmd += ["--", *[str(p) for p in locals_], self.remote.target(rdir + "/")]
             rc, _, err = run_streaming(cmd)
             if rc != 0:
-                reason = ssh_error(self.remote, err) or f"{transport} exit {rc}: {_error_line(err)}"
+                reason = ssh_error(self.remote, err) or f"{transport} exit {rc}: {error_line(err)}"
                 raise EdgePruneError(f"upload to {self.remote.label} interrupted: {reason}; the bundle on the "
                                      f"device stays incomplete, rerun to resume")
 
@@ -361,7 +203,7 @@ def _bundle_sources(artifact: Path, fmt: str, tmp: Path) -> dict[str, Path]:
         rel = f.relative_to(root).as_posix()
         if any(part.startswith(".") for part in rel.split("/")):
             continue  # temp files of an interrupted export, editor files
-        if not _SAFE.match(rel):
+        if not SAFE_PATH.match(rel):
             raise EdgePruneError(f"artifact file name {rel!r} has characters that cannot be shipped safely")
         sources[f"{bundle.ARTIFACT_DIR}/{rel}"] = f
     for name in CODE_FILES:
@@ -380,13 +222,13 @@ def ship(artifact: Path, profile: DeviceProfile, remote: Remote, *, python: str 
     if transport not in TRANSPORTS:
         raise EdgePruneError(f"unknown transport '{transport}'; choose from {', '.join(TRANSPORTS)}")
     artifact = Path(artifact)
-    fmt, _ = _artifact_format(artifact)
+    fmt, _ = artifact_format(artifact)
     profile.check_format(fmt)
     memory = check_memory_here(artifact, profile, overrides)
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     sh = Shipper(remote, python or profile.python, remote_dir or profile.remote_dir, log)
     start = time.perf_counter()
-    name = _safe_name(artifact.name if artifact.is_dir() else artifact.stem)
+    name = safe_name(artifact.name if artifact.is_dir() else artifact.stem)
     with tempfile.TemporaryDirectory(prefix="edgeprune-bundle-") as tmpdir:
         tmp = Path(tmpdir)
         sources = _bundle_sources(artifact, fmt, tmp)
@@ -421,7 +263,7 @@ def ship(artifact: Path, profile: DeviceProfile, remote: Remote, *, python: str 
     python_exe = sh.python if ("/" not in sh.python or sh.python.startswith("/")) else f"{home}/{sh.python}"
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     results = f"{home}/{sh.remote_dir}/results" if not sh.remote_dir.startswith("/") else f"{sh.remote_dir}/results"
-    result_path = f"{results}/{name}-{bid[:12]}-{_safe_name(profile.name)}-{stamp}.json"
+    result_path = f"{results}/{name}-{bid[:12]}-{safe_name(profile.name)}-{stamp}.json"
     args = [python_exe, "-B", f"{bundle.CODE_DIR}/profiler.py", bundle.ARTIFACT_DIR,
             *profile.profiler_args(fmt, **(overrides or {})), "--json", result_path]
     cmd = f"cd {shlex.quote(final_abs)} && {shlex.join(args)} && cat {shlex.quote(result_path)}"

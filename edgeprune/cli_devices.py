@@ -102,11 +102,11 @@ def ship_cmd(
 ) -> None:
     """Copy an artifact bundle (artifact, tokenizer, device code, sha256 manifest) to a device over SSH, verify it
     there, run the profiler there and bring the JSON back. Interrupted uploads resume on the next run."""
-    from edgeprune.devices import profiles, ship
+    from edgeprune.devices import profiles, ship, ssh
     from edgeprune.devices.remote import prepare
 
     prof = profiles.load(device, profile_file)
-    remote = ship.resolve_remote(prof, host, port, key, known_hosts, connect_timeout)
+    remote = ssh.resolve_remote(prof, host, port, key, known_hosts, connect_timeout)
     if wheel and not setup:
         raise EdgePruneError("--wheel goes with --setup (it is installed on the device by the setup)")
     python = prepare(artifact, prof, remote, python, remote_dir, setup, wheel or [], quiet, transport)

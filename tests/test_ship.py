@@ -203,12 +203,13 @@ def test_interrupted_transfer_then_corrupt_partial(sshd, artifacts, tmp_path, mo
     the staging directory; the bundle is never complete, and the next ship repairs it."""
     from edgeprune.devices import profiles
     from edgeprune.devices import ship as shipmod
+    from edgeprune.devices.ssh import Remote
 
     from edgeprune.errors import EdgePruneError
 
     remote_dir = sshd.device / "api"
     prof = profiles.load("cpu")
-    remote = shipmod.Remote(host=sshd.host, port=sshd.port, key=str(sshd.key), known_hosts=str(sshd.known_hosts))
+    remote = Remote(host=sshd.host, port=sshd.port, key=str(sshd.key), known_hosts=str(sshd.known_hosts))
     real_upload = shipmod.Shipper.upload
 
     def half_upload(self, files, transport, bwlimit):

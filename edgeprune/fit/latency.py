@@ -150,12 +150,12 @@ def _err(xs: list[float]) -> dict:
 # ---- the table: measured once per device and runtime, then cached --------------------------------------------
 def local_machine_key() -> dict:
     """What identifies this machine and its runtimes (the cache key of a table measured here)."""
-    from edgeprune.devices import profiler
+    from edgeprune.devices import machine
 
-    m = profiler.machine_info()
+    m = machine.machine_info()
     return {"cpu_model": m["cpu_model"], "arch": m["arch"], "logical_cores": m["logical_cores"],
             "memory_total_gb": round(m["memory_total_mb"] / 1024), "os": platform.system(),
-            "runtimes": profiler._versions(["llama_cpp", "onnxruntime"])}
+            "runtimes": machine.versions(["llama_cpp", "onnxruntime"])}
 
 
 def table_key(device: str, host: str | None, fmt: str, dtype: str, base: ModelShape, settings: dict,

@@ -119,12 +119,12 @@ def latency_models(opts: FitOptions, prof, fmt: str, dtypes, base: ModelShape, c
 # ---- device -------------------------------------------------------------------------------------------------
 def make_runner(opts: FitOptions, prof, settings: dict):
     """artifact dir -> the profiler's JSON document, run here or shipped to ``--host``."""
-    from edgeprune.devices import ship
+    from edgeprune.devices import ship, ssh
 
     overrides = {"prompt_lengths": settings["prompt_lengths"], "new_tokens": settings["new_tokens"],
                  "threads": settings.get("threads")}
     if opts.host:
-        remote = ship.resolve_remote(prof, opts.host)
+        remote = ssh.resolve_remote(prof, opts.host)
         return lambda art: ship.ship(Path(art), prof, remote, overrides=overrides, quiet=True)
     return lambda art: ship.profile_local(Path(art), prof, overrides, quiet=True)
 

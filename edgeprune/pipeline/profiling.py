@@ -48,10 +48,10 @@ class Target:
         self.host = prof.host or self.device.ssh.host or None
         self.remote = None
         if self.host:
-            from edgeprune.devices import ship
+            from edgeprune.devices import ssh
 
-            self.remote = ship.resolve_remote(self.device, self.host, prof.port or None, prof.key or None,
-                                              prof.known_hosts or None)
+            self.remote = ssh.resolve_remote(self.device, self.host, prof.port or None, prof.key or None,
+                                             prof.known_hosts or None)
         self._identity: dict | None = None
 
     @property
