@@ -29,7 +29,8 @@ START, END = "<!-- device-run:start -->", "<!-- device-run:end -->"
 
 
 def table(run_dir: Path, command: str) -> str:
-    from edgeprune.report import collect, machine_label, method_summary
+    from edgeprune.report import machine_label, method_summary
+    from edgeprune.report_data import collect
 
     data = collect(run_dir)
     p = (data.get("prune") or {}).get("config") or {}

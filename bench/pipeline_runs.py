@@ -56,7 +56,7 @@ def main() -> int:
     ap.add_argument("--collect", action="store_true", help="do not run; re-read the run directories")
     args = ap.parse_args()
     os.environ["EDGEPRUNE_DATA"] = str(data_dir(args.data))
-    from edgeprune.report import collect
+    from edgeprune.report_data import collect
 
     names = args.only.split(",") if args.only else list(RUNS)
     for n in names:

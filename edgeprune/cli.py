@@ -221,7 +221,8 @@ def run_cmd(
 
 def _print_summary(result) -> None:
     """The stage table and the results table of a finished run."""
-    from edgeprune.report import collect, summary_rows
+    from edgeprune.report import summary_rows
+    from edgeprune.report_data import collect
 
     counts = {k: sum(s.status == k for s in result.stages) for k in ("computed", "cached")}
     t = Table("stage", "status", "seconds", title=f"stages: {counts['computed']} computed, "
@@ -244,7 +245,8 @@ def report_cmd(
     = None,
 ) -> None:
     """Rewrite RUN_DIR/report (JSON, Markdown, self-contained HTML) from the run directory's stage results."""
-    from edgeprune.report import collect, regenerate
+    from edgeprune.report import regenerate
+    from edgeprune.report_data import collect
     from edgeprune.report_readme import update_readme
 
     paths = regenerate(run_dir)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from edgeprune.errors import EdgePruneError
-from edgeprune.report import collect, regenerate, write_report
+from edgeprune.report import regenerate, write_report
+from edgeprune.report_data import collect
 from edgeprune.report_readme import README_END, README_START, update_readme
 
 N_LAYERS = 4
