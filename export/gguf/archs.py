@@ -72,7 +72,7 @@ class Facts:
 def fit(arch: Arch, facts: Facts) -> str | None:
     """None when ``facts`` fit ``arch``; else why not, as a phrase."""
     if not facts.uniform and not arch.per_layer:
-        return f"llama.cpp's {arch.name} reads one head count and FFN width for all layers"
+        return f"llama.cpp's {arch.name} has one head count and FFN width for all layers"
     if facts.removed_blocks and not arch.removed_blocks:
         return f"llama.cpp's {arch.name} cannot run a layer without attention or MLP"
     if not facts.full_rotary and arch.full_rotary:

@@ -198,12 +198,11 @@ def choose_arch(fam: Family, facts: Facts) -> Arch:
             return ARCHS[name]
         reasons.append(why)
     if not fam.gguf_per_layer_arch and not facts.uniform:
-        reasons.append(f"no llama.cpp architecture reads per-layer widths for {fam.name}")
+        reasons.append(f"no llama.cpp architecture has per-layer widths for {fam.name}")
     hint = ""
     if not facts.uniform:  # everything the user must change, at once (the arch would refuse biases next)
         biases = fam.gguf_arch and facts.out_biases - ARCHS[fam.gguf_arch].out_biases
-        hint = ("; prune with --allocator uniform (the same widths in every layer)"
-                + (" and --no-reconstruct (no output biases)" if biases else "") + " to export it")
+        hint = "; prune with --allocator uniform" + (" and --no-reconstruct" if biases else "") + " to export it"
     raise FormatUnsupported(f"cannot export this {fam.name} checkpoint to GGUF: {'; '.join(reasons)}{hint}")
 
 
