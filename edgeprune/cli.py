@@ -167,6 +167,8 @@ def prune(
               f"(-{100 * record['decoder_reduction']:.1f}%)")
     out.print(f"total parameters {b['total']:,} -> {a['total']:,} (-{100 * record['total_reduction']:.1f}%)")
     out.print(f"wrote {output} ({record['seconds']:.0f} s, peak RSS {record['peak_rss_mib']:.0f} MiB)")
+    for note in record.get("notes", []):
+        out.print(f"note: {note}", highlight=False)
     write_result(json_path, record)
 
 

@@ -284,3 +284,14 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def recipe_notes(adapter, cfg: PruneConfig) -> list[str]:
+    """What the measurements say about this recipe on this kind of model, for the user (one line each)."""
+    post_norms = any(n.attention_output is not None or n.mlp_output is not None
+                     for n in (layer.norms() for layer in adapter.layers))
+    if post_norms and (cfg.reconstruct or cfg.allocator == "lsps"):
+        return ["this model normalises each block's output before the residual add, as Gemma 3 does; on "
+                "Gemma-3-270M --allocator uniform --no-reconstruct measured better than LSPS and the refit "
+                "(README, Results)"]
+    return []

@@ -9,7 +9,7 @@ import torch
 
 from edgeprune.allocation import ALLOCATORS
 from edgeprune.allocation.base import prunable_total
-from edgeprune.config import PruneConfig
+from edgeprune.config import PruneConfig, recipe_notes
 from edgeprune.data import Text, calibration_batches
 from edgeprune.models.info import param_counts
 from edgeprune.models.placement import input_device
@@ -141,6 +141,7 @@ def prune_model(lm, cfg: PruneConfig, calib: Text, progress: bool = True, cache:
                       "rounds": cfg.rounds, "attn_unit": cfg.attn_unit, "round_to": cfg.round_to})
     return {
         "config": asdict(cfg),
+        "notes": recipe_notes(lm.adapter, cfg),
         "calibration": {"text": calib.name, "sha256": calib.sha256, "n_samples": cfg.n_samples,
                         "seq_len": cfg.seq_len, "seed": cfg.seed},
         "plan": plan.to_dict(),

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from edgeprune.allocation.base import prunable_total
-from edgeprune.config import STREAM_GRADIENTS, check_streamable  # noqa: F401  (re-exported)
+from edgeprune.config import STREAM_GRADIENTS, check_streamable, recipe_notes  # noqa: F401  (re-exported)
 from edgeprune.errors import EdgePruneError
 from edgeprune.plan import PruningPlan, compose
 from edgeprune.reconstruct import reconstruct_layer
@@ -277,6 +277,7 @@ def stream_prune(spec: str, cfg, calib, out_dir, dtype: str = "float32", gradien
                           "streamed": {"dtype": dtype, "gradient": gradient}})
         record = {
             "config": asdict(cfg),
+            "notes": recipe_notes(sm.adapter, cfg),
             "calibration": {"text": calib.name, "sha256": calib.sha256, "n_samples": cfg.n_samples,
                             "seq_len": cfg.seq_len, "seed": cfg.seed},
             "plan": plan.to_dict(), "layer_shapes": shapes, "rounds": rounds, "recovery": None,

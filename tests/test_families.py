@@ -242,3 +242,17 @@ def test_dropping_a_layer_equals_emptying_it(fam_tiny, tmp_path):
     assert torch.allclose(logits(fam_tiny.model), logits(masked), atol=1e-5)
     save_checkpoint(fam_tiny, tmp_path / "ck", {})
     assert torch.allclose(logits(load(str(tmp_path / "ck")).model), logits(masked), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "glm4", "llama", "qwen3"])
+def test_the_recipe_note_names_post_block_norms(family):
+    """Families that normalise a block's output (Gemma 3, GLM-4) get the measured advice when LSPS or the refit is
+    on; the others and the advised recipe get no note."""
+    from edgeprune.config import recipe_notes
+
+    adapter = build_tiny(family).adapter
+    notes = recipe_notes(adapter, PruneConfig())
+    assert bool(notes) == (family in ("gemma3_text", "glm4"))
+    assert not recipe_notes(adapter, PruneConfig(allocator="uniform", reconstruct=False))
+    if notes:
+        assert "--allocator uniform --no-reconstruct" in notes[0] and "\n" not in notes[0]
