@@ -41,6 +41,7 @@ METHODS = {
     "FLAP (fluctuation+global+bias)": dict(PUBLISHED, scorer="fluctuation", allocator="global", bias_compensation=True),
     "depth (ShortGPT: Block Influence)": dict(PUBLISHED, scorer="fluctuation", allocator="depth"),
     "PIEM+uniform (PIEM alone)": dict(OURS, allocator="uniform"),
+    "PIEM+uniform without refit": dict(OURS, allocator="uniform", reconstruct=False),
     "magnitude+LSPS (LSPS alone)": dict(OURS, scorer="magnitude"),
     "PIEM+LSPS one-shot": OURS,
     "PIEM+LSPS multi-round (K=2)": dict(OURS, rounds=2),

@@ -172,10 +172,12 @@ def _recovery_note(rows: dict) -> str:
         return ""
     rec, minutes = recs[0], sorted(r["seconds"] / 60 for r in recs)
     c = rec["config"]
+    span = (f"{minutes[0]:.0f}" if round(minutes[0]) == round(minutes[-1])
+            else f"{minutes[0]:.0f}-{minutes[-1]:.0f}")
     return (f"Recovery (`--recover-steps`): distillation from the dense model (KL to its next-token distribution, "
             f"edgeprune/recover.py), {c['steps']} steps x {c['batch_size']} windows x 128 tokens "
             f"({rec['tokens']:,} tokens) of WikiText-2 *valid*, AdamW, peak lr {c['lr']:g}, every decoder weight "
-            f"trained, embeddings frozen; {minutes[0]:.0f}-{minutes[-1]:.0f} min of distillation wall time per row "
+            f"trained, embeddings frozen; {span} min of distillation wall time per row "
             "on this 2-core CPU (the longer ones shared it with another job). The same budget for every row of "
             "this table, baselines included, so it compares like with like.")
 
