@@ -166,17 +166,26 @@ def _speed_spread(rows: dict) -> str:
                                       f"{100 * spread:.0f}%)")
 
 
+def _lr_rule(recovery: dict) -> str:
+    """The learning-rate rule of a recovery record: records made before edgeprune.recover.LR_RULES lack it."""
+    return recovery["config"].get("lr_rule", "absolute")
+
+
 def _recovery_note(rows: dict) -> str:
     recs = [r["recovery"] for r in rows.values() if r.get("recovery")]
     if not recs:
         return ""
     rec, minutes = recs[0], sorted(r["seconds"] / 60 for r in recs)
     c = rec["config"]
+    rules = sorted({(r["config"]["lr"], _lr_rule(r)) for r in recs}, key=lambda x: x[1] != "rms")
+    lr = " or ".join(f"peak lr {x:g} relative to each tensor's RMS" if rule == "rms" else
+                     f"peak lr {x:g} for every tensor (‡: the absolute rule before the RMS-relative default)"
+                     for x, rule in rules)
     span = (f"{minutes[0]:.0f}" if round(minutes[0]) == round(minutes[-1])
             else f"{minutes[0]:.0f}-{minutes[-1]:.0f}")
     return (f"Recovery (`--recover-steps`): distillation from the dense model (KL to its next-token distribution, "
             f"edgeprune/recover.py), {c['steps']} steps x {c['batch_size']} windows x 128 tokens "
-            f"({rec['tokens']:,} tokens) of WikiText-2 *valid*, AdamW, peak lr {c['lr']:g}, every decoder weight "
+            f"({rec['tokens']:,} tokens) of WikiText-2 *valid*, AdamW, {lr}, every decoder weight "
             f"trained, embeddings frozen; {span} min of distillation wall time per row "
             "on this 2-core CPU (the longer ones shared it with another job). The same budget for every row of "
             "this table, baselines included, so it compares like with like.")
@@ -210,8 +219,11 @@ def ablation_section(a: dict) -> list[str]:
     shipped = _shipped_weights()
     timed = _speed_pass(rows)
 
-    def old(row: dict) -> str:  # † on a PIEM row measured with other weights than the shipped ones
-        return "†" if (w := _row_weights(a, row)) and list(w) != shipped else ""
+    def old(row: dict) -> str:
+        """† on a PIEM row measured with other weights than the shipped ones; ‡ on a row recovered with the
+        absolute learning rate of before the RMS-relative default."""
+        dagger = "†" if (w := _row_weights(a, row)) and list(w) != shipped else ""
+        return dagger + ("‡" if row.get("recovery") and _lr_rule(row["recovery"]) != "rms" else "")
 
     pruned = [r for r in rows.values() if r["ratio"] > 0]
     covered = sum(1 for r in pruned if limit and r.get("zeroshot_limit") == limit and "zeroshot_avg_acc" in r)
@@ -309,7 +321,9 @@ def _target_lines(rows: dict, dense: dict | None, ratios: list[float], mark=lamb
     with other PIEM weights than the shipped ones)."""
     out = ["**Target check** (computed from the rows of this table"
            + ("; † as in the table: a comparison of a † value with an unmarked one mixes two PIEM weightings"
-              if any(mark(x) for x in rows.values()) else "") + "):", ""]
+              if any("†" in mark(x) for x in rows.values()) else "")
+           + ("; ‡ as in the table: recovered with the earlier absolute learning rate"
+              if any("‡" in mark(x) for x in rows.values()) else "") + "):", ""]
     for r in (0.2, 0.3):
         if r not in ratios:
             continue

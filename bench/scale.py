@@ -13,7 +13,9 @@ built-in text; the in-memory path computes PIEM's gradient term with the hook-ba
 
 - ``memory``: ``load(dtype=)`` + ``prune_model`` + ``save_checkpoint``; ``stream``: ``stream_prune``;
 - ``export``: ONNX int8 of the pruned checkpoint (parity check included);
-- ``gguf``: ``python -m edgeprune export PRUNED --format gguf --dtype q8_0`` (parity check included);
+- ``gguf``: what ``python -m edgeprune export PRUNED --format gguf --dtype q8_0`` does (export_gguf_artifact,
+  parity check included), except that a failed check keeps the file: random weights give near-flat logits whose
+  top-1 flips at near-ties under q8_0 (a 3B one agreed on 83% of positions, the real-model bound is 85%);
 - ``profile``: ``python -m edgeprune profile GGUF --device cpu`` with a short setting (prompt 32, 16 new tokens,
   one repeat, no warm-up, 2 threads): TTFT, decode tokens/s and the profiler's own peak RSS;
 - ``e2e``: ``stream,gguf,profile`` (prune -> GGUF q8_0 -> profile; ``--e2e-prune memory`` prunes in memory).
@@ -162,6 +164,18 @@ runpy.run_module("edgeprune", run_name="__main__", alter_sys=True)
 """
 
 
+# export_gguf_artifact as the CLI runs it, keeping a file whose parity check failed (see the module docstring)
+GGUF_CHILD = HWM + r"""
+import json, sys, time
+from pathlib import Path
+t = time.perf_counter()
+from edgeprune.export.artifacts import export_gguf_artifact
+export_gguf_artifact(Path(sys.argv[2]), Path(sys.argv[3]), "q8_0", require_parity=False)
+with open(sys.argv[1], "w") as f:
+    json.dump({"seconds": time.perf_counter() - t, "peak_rss_mib": hwm_mib()}, f)
+"""
+
+
 def make_random(name: str, out: Path, dtype: str = "float32") -> Path:
     """A random-initialised Llama checkpoint of size ``name`` written one decoder layer at a time (normal(0, 0.02)
     weights, unit norms), with the byte-level tokenizer of the tiny test models."""
@@ -248,11 +262,12 @@ def run(mode: str, src: Path, out: Path, dtype: str, timeout: int, rounds: int =
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_cli(args: list[str], timeout: int) -> dict:
-    """``python -m edgeprune ARGS`` in a child process: its wall time and its own peak RSS."""
+def run_cli(args: list[str], timeout: int, child: str = CLI_CHILD) -> dict:
+    """``python -m edgeprune ARGS`` (or another ``child`` taking the report path first) in a child process: its
+    wall time and its own peak RSS."""
     with tempfile.NamedTemporaryFile(suffix=".json") as report:
         try:
-            proc = subprocess.run([sys.executable, "-c", CLI_CHILD, report.name, *args], capture_output=True,
+            proc = subprocess.run([sys.executable, "-c", child, report.name, *args], capture_output=True,
                                   text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"error": f"over {timeout} s"}
@@ -262,7 +277,7 @@ def run_cli(args: list[str], timeout: int) -> dict:
 
 
 def gguf_export(pruned: Path, out: Path, timeout: int) -> dict:
-    res = run_cli(["export", str(pruned), "--format", "gguf", "--dtype", "q8_0", "-o", str(out)], timeout)
+    res = run_cli([str(pruned), str(out)], timeout, GGUF_CHILD)
     manifest = out / "manifest.json"
     if "error" not in res and manifest.is_file():
         info = json.loads(manifest.read_text())
@@ -337,7 +352,9 @@ def table(rows: list[dict]) -> str:
             notes.append("measured before the imports baseline was recorded: whole-process peak")
         if r["mode"] == "gguf":
             notes.append(f"q8_0 file {_gib(r.get('gguf_bytes', 0))} GiB, parity "
-                         f"{'passed' if r.get('parity_passed') else 'FAILED'}")
+                         + ("passed" if r.get("parity_passed") else
+                            f"failed on top-1 agreement {r.get('parity_top1', 0):.2f} (random weights' near-flat "
+                            f"logits; mean KL {r.get('parity_mean_kl', 0):.4f}), file kept"))
         if r["mode"] == "export":
             notes.append(f"ONNX int8, parity {'passed' if r.get('parity_passed') else 'FAILED'}")
         if r["mode"] == "profile":

@@ -218,7 +218,7 @@ class PruneConfig:
                                       "set)")
     recover_steps: int = option(0, "recovery: distillation steps from the unpruned model on calibration text "
                                 "after pruning (0 = off)")
-    recover_lr: float = option(4e-4, "recovery: peak learning rate")
+    recover_lr: float = option(2e-3, "recovery: peak learning rate relative to each weight's RMS")
     recover_batch: int = option(4, "recovery: windows per step")
     recover_ce: float = option(0.0, "recovery: share of next-token cross-entropy in the loss (0 = pure "
                                "distillation)")

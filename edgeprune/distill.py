@@ -36,7 +36,7 @@ def _args(argv):
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch", type=int, default=d.batch_size, help="windows per step, over all processes")
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--lr", type=float, default=d.lr, help="peak learning rate relative to each weight's RMS")
     ap.add_argument("--top-k", type=int, default=d.top_k)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--autocast", default=d.autocast, help="bfloat16 autocast of the teacher pass and the steps: "

@@ -29,7 +29,7 @@ def test_recovery_brings_the_pruned_model_back_towards_the_dense_one():
     cfg = dict(ratio=0.4, scorer="piem", allocator="uniform", rounds=1, reconstruct=False, n_samples=8, seq_len=32)
     plain = build_tiny("llama")
     prune_model(plain, PruneConfig(**cfg), text, progress=False)
-    record = prune_model(lm, PruneConfig(**cfg, recover_steps=30, recover_lr=3e-3), text, progress=False)
+    record = prune_model(lm, PruneConfig(**cfg, recover_steps=30, recover_lr=0.04), text, progress=False)
     rec = record["recovery"]
     assert rec["config"]["steps"] == 30 and rec["tokens"] == 30 * 4 * 32
     assert rec["kl_curve"][-1] < rec["kl_curve"][0]
@@ -48,7 +48,8 @@ def test_no_recovery_by_default():
 
 
 @pytest.mark.parametrize("bad", [dict(steps=-1), dict(lr=0.0), dict(batch_size=0), dict(ce_weight=1.5),
-                                 dict(temperature=0.0), dict(freeze_layers=-1), dict(autocast="bf16")])
+                                 dict(temperature=0.0), dict(freeze_layers=-1), dict(autocast="bf16"),
+                                 dict(lr_rule="relative")])
 def test_bad_recovery_options_are_one_line_errors(bad):
     with pytest.raises(EdgePruneError):
         RecoveryConfig(**{"steps": 1, **bad}).validate()
@@ -117,7 +118,7 @@ def test_before_recovery_hook_sees_the_pruned_model_before_distillation():
         seen["state"] = {k: v.clone() for k, v in lm.model.state_dict().items()}
 
     lm = build_tiny("llama")
-    prune_model(lm, PruneConfig(**cfg, recover_steps=5, recover_lr=3e-3), text, progress=False, before_recovery=hook)
+    prune_model(lm, PruneConfig(**cfg, recover_steps=5, recover_lr=0.04), text, progress=False, before_recovery=hook)
     # the hook saw exactly what pruning without recovery gives; distillation changed the model afterwards
     assert seen["state"].keys() == plain.model.state_dict().keys()
     assert all(torch.equal(seen["state"][k], v) for k, v in plain.model.state_dict().items())
@@ -126,3 +127,38 @@ def test_before_recovery_hook_sees_the_pruned_model_before_distillation():
     seen.clear()
     prune_model(build_tiny("llama"), PruneConfig(**cfg), text, progress=False, before_recovery=hook)
     assert not seen
+
+
+def test_learning_rates_are_relative_to_each_tensors_rms():
+    from edgeprune.recover import RMS_FLOOR, rms_lrs
+
+    big, small, zero = (torch.nn.Parameter(t) for t in (torch.full((4, 4), 3.0), torch.full((8,), -0.01),
+                                                        torch.zeros(3)))
+    lrs = [g["lr"] for g in rms_lrs([big, small, zero], 2e-3)]
+    assert lrs == pytest.approx([6e-3, 2e-5, 2e-3 * RMS_FLOOR])
+
+
+def test_a_tensor_ten_times_larger_takes_ten_times_larger_steps():
+    # the same model with one weight scaled by 10 (and its input scaled back): the update of that weight scales
+    # with it, so its relative step, and the function learned, stay the same
+    text = load_text("builtin", "calib")
+    a, b = build_tiny("llama"), build_tiny("llama")
+    for lm, scale in ((a, 1.0), (b, 10.0)):
+        mlp = lm.adapter.layers[0].mlp_projections()
+        with torch.no_grad():
+            mlp.down.weight.mul_(scale)
+            mlp.up.weight.div_(scale)  # down(act(gate) * up / s) * s: the same function
+    windows = calibration_batches(a.tokenizer, text, 4, 16, seed=1)
+    teacher = build_tiny("llama").model
+    torch.manual_seed(0)
+    with torch.no_grad():  # a teacher the students differ from, so that the gradients are far above Adam's eps
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    before = [lm.adapter.layers[0].mlp_projections().down.weight.detach().clone() for lm in (a, b)]
+    cfg = RecoveryConfig(steps=1, lr=2e-3, batch_size=4, autocast="off")
+    for lm in (a, b):
+        rec = distill(lm.model, teacher, windows, cfg, progress=False)
+    assert rec["config"]["lr_rule"] == "rms"
+    steps = [(lm.adapter.layers[0].mlp_projections().down.weight - w0).abs().mean().item()
+             for lm, w0 in zip((a, b), before, strict=True)]
+    assert steps[1] == pytest.approx(10 * steps[0], rel=0.05)
