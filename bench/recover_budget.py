@@ -5,7 +5,9 @@ STEPS:LR[:FREEZE[:AMP]], FREEZE the number of bottom decoder layers kept frozen 
 backward pass stops above them), AMP ``fp32`` (default), ``bf16`` (the student's steps under bfloat16 autocast) or
 ``bf16all`` (the teacher pass too; its targets are computed once more, under autocast, and timed).
 
-    python bench/recover_budget.py [--data ../shared/data] [--budgets 100:4e-4,60:6e-4,100:4e-4:10]
+    python bench/recover_budget.py [--data ../shared/data] [--budgets 100:2e-3,60:3e-3,100:2e-3:10]
+    python bench/recover_budget.py --lr-rule absolute --budgets 100:4e-4,60:6e-4   # the README's table (before the
+                                                                                   # RMS-relative learning rates)
 
 The teacher targets are computed once for the largest budget; a budget of N steps uses the first N x batch windows
 of them, which are the windows the product draws for N steps (calibration_batches takes its offsets one by one from
@@ -42,7 +44,9 @@ def _budgets(text: str) -> list[tuple[int, float, int, str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data")
-    ap.add_argument("--budgets", default="100:4e-4,60:6e-4,100:4e-4:10")
+    ap.add_argument("--budgets", default="100:2e-3,60:3e-3,100:2e-3:10")
+    ap.add_argument("--lr-rule", default="rms", help="what LR means (RecoveryConfig.lr_rule): rms (the product's) "
+                    "or absolute (the rule the README's table was measured with)")
     ap.add_argument("--cache", default="out/recover_budget", help="where the pruned checkpoint is kept between runs")
     ap.add_argument("--name", default="recover_budget", help="results file: bench/results/NAME.json")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -91,10 +95,10 @@ def main() -> None:
     for steps, lr, freeze, amp in budgets:
         student = copy.deepcopy(lm.model)
         load_before = os.getloadavg()[0]
-        rc_b = replace(replace_steps(run.prune, steps, lr), freeze_layers=freeze,
+        rc_b = replace(replace_steps(run.prune, steps, lr), freeze_layers=freeze, lr_rule=args.lr_rule,
                        autocast="off" if amp == "fp32" else "on")
         rec = distill(student, teacher_bf16 if amp == "bf16all" else teacher, windows, rc_b)
-        rows.append({"steps": steps, "lr": lr, "freeze_layers": freeze, "amp": amp, "ppl": ppl(student), "seconds": rec["seconds"],
+        rows.append({"steps": steps, "lr": lr, "lr_rule": args.lr_rule, "freeze_layers": freeze, "amp": amp, "ppl": ppl(student), "seconds": rec["seconds"],
                      "s_per_step": rec["seconds"] / steps, "curve": rec["kl_curve"],
                      "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]})
         r = rows[-1]

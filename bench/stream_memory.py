@@ -9,7 +9,9 @@ VmHWM (``/proc/self/clear_refs``, Linux) on entering and leaving each phase and 
 its entry RSS (max over calls; nested phases fold their peaks into the enclosing ones), the largest entry RSS
 (what stays resident between passes), the RSS after the imports (torch, transformers, accelerate, edgeprune and
 the Llama modeling code: the baseline that bench/scale.py subtracts) and the process's overall peak (VmHWM over
-the whole run).
+the whole run). A thread samples RssAnon and RssFile every 10 ms, per phase and overall: safetensors maps tensors
+from their files, so part of the RSS is file-backed pages (clean page cache the kernel can drop and re-read under
+memory pressure), the rest anonymous memory the process owns.
 
     .venv/bin/python bench/stream_memory.py [--mode stream|memory] [--size 0.5b] [--dtype bfloat16] [--label now]
 
@@ -36,6 +38,22 @@ def status(key):
     return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) / 1024
 
 PEAK, PH, ACTIVE = [0.0], {}, []
+SPLIT = {"anon": 0.0, "file": 0.0}  # sampled peaks of RssAnon / RssFile over the whole run
+
+def split():  # anonymous memory and file-backed pages (safetensors maps tensors from the files) now
+    d = dict(l.split(":", 1) for l in open("/proc/self/status") if l.startswith(("RssAnon", "RssFile")))
+    return int(d["RssAnon"].split()[0]) / 1024, int(d["RssFile"].split()[0]) / 1024
+
+def sampler():  # VmHWM cannot tell the two apart: sample every 10 ms (a shorter spike can be missed)
+    while True:
+        anon, file = split()
+        SPLIT["anon"], SPLIT["file"] = max(SPLIT["anon"], anon), max(SPLIT["file"], file)
+        for frame in list(ACTIVE):
+            frame[2], frame[3] = max(frame[2], anon), max(frame[3], file)
+        time.sleep(0.01)
+
+import threading
+threading.Thread(target=sampler, daemon=True).start()
 
 def reset():  # fold the peak since the last reset into the open phases, then start a new peak
     hwm = status("VmHWM:")
@@ -52,7 +70,7 @@ def wrap(owner, name, label=None):
     def w(*a, **k):
         reset()
         rss0 = status("VmRSS:")
-        frame = [rss0, rss0]
+        frame = [rss0, rss0, *split()]
         ACTIVE.append(frame)
         try:
             return fn(*a, **k)
@@ -60,11 +78,13 @@ def wrap(owner, name, label=None):
             reset()
             del ACTIVE[next(i for i, f in enumerate(ACTIVE) if f is frame)]
             p = PH.setdefault(label or name, {"calls": 0, "above_entry_mib": 0.0, "entry_mib": 0.0,
-                                              "peak_mib": 0.0})
+                                              "peak_mib": 0.0, "anon_peak_mib": 0.0, "file_peak_mib": 0.0})
             p["calls"] += 1
             p["above_entry_mib"] = max(p["above_entry_mib"], frame[1] - rss0)
             p["entry_mib"] = max(p["entry_mib"], rss0)
             p["peak_mib"] = max(p["peak_mib"], frame[1])
+            p["anon_peak_mib"] = max(p["anon_peak_mib"], frame[2])
+            p["file_peak_mib"] = max(p["file_peak_mib"], frame[3])
     w._wrapped = True
     setattr(owner, name, w)
 
@@ -86,6 +106,7 @@ from edgeprune.data import load_text
 from edgeprune.prune import PruneConfig
 
 imports = status("VmRSS:")
+imports_split = split()
 for owner, name in [(sp, "capture_layer0_inputs"), (sp, "lens_gradients"), (sp, "collect_layer_stats"),
                     (calibration, "collect_layer_stats"), (sp, "reconstruct_layer"),
                     (reconstruct, "reconstruct_layer"), (gradients, "unit_taylor"), (prune, "score_model"),
@@ -113,7 +134,8 @@ with tempfile.TemporaryDirectory(dir=tmp) as d:
         checkpoint.save_checkpoint(lm, d + "/out", {})
 reset()
 print(json.dumps({"seconds": time.perf_counter() - t, "rss_after_imports_mib": imports, "peak_mib": PEAK[0],
-                  "phases": PH}))
+                  "anon_after_imports_mib": imports_split[0], "file_after_imports_mib": imports_split[1],
+                  "peak_anon_mib": SPLIT["anon"], "peak_file_mib": SPLIT["file"], "phases": PH}))
 """
 
 

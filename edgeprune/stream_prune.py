@@ -138,8 +138,10 @@ def stream_score(sm: StreamedModel, scorer, batches: torch.Tensor, micro_batch: 
             stats = None
             if need_run:
                 stats, inputs = collect_layer_stats(layer, inputs)
+                trim_heap()  # the statistics pass's temporaries, before the scorer's
             with torch.no_grad():
                 s = scorer.score_layer(layer, stats if need_stats else None, grads)
+                trim_heap()  # the scorer's float64 chunks, before the outlier ratio's
                 if need_stats:
                     s.blocks = block_scores(stats)
                     s.blocks["outliers"] = outlier_ratio(layer, stats)
