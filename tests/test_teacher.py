@@ -59,7 +59,7 @@ def test_bf16_student_trains_in_float32_and_stays_bf16():
     apply_plan(student.adapter, PruningPlan([LayerPlan(i, [0, 1, 2], [0], list(range(64))) for i in range(3)]))
     windows = calibration_batches(student.tokenizer, load_text("builtin", "calib"), 8, 16, seed=1)
     before = [p.detach().clone() for p in student.model.parameters()]
-    rec = distill(student.model, teacher.model, windows, RecoveryConfig(steps=4, batch_size=2, lr=3e-3, top_k=16),
+    rec = distill(student.model, teacher.model, windows, RecoveryConfig(steps=4, batch_size=2, lr=0.04, top_k=16),
                   progress=False)
     assert all(p.dtype == torch.bfloat16 for p in student.model.parameters())
     assert sum(not torch.equal(a, b) for a, b in zip(before, student.model.parameters(), strict=True)) > 5
