@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from edgeprune.io import atomic_dir
+from edgeprune.io import atomic_dir, write_json
 
 
 def test_atomic_dir_publishes_with_a_plain_mkdirs_mode(tmp_path):
@@ -25,3 +25,11 @@ def test_atomic_dir_failure_keeps_the_old_directory(tmp_path):
         raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
     assert [p.name for p in (tmp_path / "art").iterdir()] == ["old"]
+
+
+def test_write_json_publishes_with_a_plain_files_mode(tmp_path):
+    write_json(tmp_path / "m.json", {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
