@@ -161,7 +161,8 @@ def rms_lrs(params: list[torch.nn.Parameter], lr: float) -> list[dict]:
     learning rate whatever the tensor's scale, so one absolute rate is a different relative step on every model:
     Gemma-3-270M's projections have RMS 0.016-0.04, SmolLM2-135M's ~0.19, and 4e-4 absolute, right for SmolLM2,
     made the pruned Gemma worse (PPL 73.2 -> 117.8 in 40 steps) where 2e-3 relative improves both (Gemma 62.8;
-    SmolLM2 69.7, as 4e-4 absolute: 69.5). README "Results" has the measurement."""
+    SmolLM2 69.7, as 4e-4 absolute: 69.5). README "Results" has the measurement. Not handled: a norm stored as an
+    offset from 1 (Gemma's ``1 + w``) is scaled by ``w``, so one near 0 barely moves (Gemma-3-270M's are ~30)."""
     groups = []
     for p in params:
         rms = p.detach().float().pow(2).mean().sqrt().item()
