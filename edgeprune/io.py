@@ -80,7 +80,7 @@ def write_json(path: str | Path, data: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, default=_json_default)
             f.write("\n")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would outlive the rename
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -88,7 +88,8 @@ def write_json(path: str | Path, data: Any) -> None:
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; set back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -117,7 +118,7 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     if path.exists() and not overwrite:
         raise EdgePruneError(f"output directory {path} already exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would outlive the rename; a plain mkdir's mode instead
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would outlive the rename; a plain mkdir's mode instead
     try:
         yield tmp
         if path.exists():

@@ -162,10 +162,11 @@ def _runtime_versions() -> dict:
 
 
 def _publishable(tmp: Path) -> None:
-    """mkdtemp/mkstemp create 0700/0600 entries: give the artifact the permissions a plain mkdir would."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)
+    """mkstemp creates 0600 files: give the artifact's files the mode a plain open would (atomic_dir already gives
+    the directory a plain mkdir's)."""
+    from edgeprune.io import current_umask
+
+    mask = current_umask()
     for f in tmp.iterdir():
         if f.is_file():
             os.chmod(f, 0o666 & ~mask)
