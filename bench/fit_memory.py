@@ -1,8 +1,9 @@
 """Memory prediction of `edgeprune fit` vs the profiler's measured peak RSS on this CPU. For each artifact
 directory: the prediction from the *source checkpoint's shapes* and the dtype alone (no artifact file read:
 `edgeprune.fit.memory.predict_memory`, i.e. the profiler's own estimate on a predicted artifact), and the peak
-RSS the device profiler measures with the `cpu` profile's prompt lengths and decode steps (1 thread, 1 repeat:
-the peak does not depend on repeats). Writes bench/results/fit_memory.json and prints a table.
+RSS the device profiler measures with the `cpu` profile's own settings (prompt lengths, decode steps, warm-up and
+repeats: what `edgeprune profile --device cpu` measures; 1 thread). Writes bench/results/fit_memory.json and
+prints a table.
 
     python bench/fit_memory.py artifacts/default-gguf-q8_0 artifacts/default-onnx-int8 ...
 """
@@ -40,7 +41,7 @@ def main() -> None:
         src = Path(man["source"])
         shape = from_checkpoint(src if src.is_absolute() or src.exists() else ROOT / src)
         pred = predict_memory(shape, fmt, dtype, settings)
-        doc = ship.profile_local(art, prof, {"threads": 1, "repeats": 1, "warmup": 0}, quiet=True)
+        doc = ship.profile_local(art, prof, {"threads": 1}, quiet=True)
         peak = doc["memory"]["peak_rss_mb"]
         size = doc["artifact"]["model_bytes"]
         rows.append({"artifact": art.name, "format": fmt, "dtype": dtype, "calibration": art.name in calib,
@@ -50,6 +51,7 @@ def main() -> None:
                      "error": round(pred["expected_mb"] / peak - 1, 4), "parts_mb": pred["parts_mb"],
                      "load_avg": doc["machine"]["load_avg"]})
         print(rows[-1], flush=True)
+    settings = {**settings, "warmup": prof.warmup, "repeats": prof.repeats, "threads": 1}
     save("fit_memory", {"schema": "edgeprune.bench-fit-memory/1", "settings": settings, "rows": rows})
     print("| artifact | file MiB predicted / actual | peak RSS MiB predicted | measured | error |")
     print("|---|---|---|---|---|")

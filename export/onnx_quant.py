@@ -86,7 +86,10 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
     - ``None``: stays float.
 
     ``embedding``: the token embedding's Gather becomes ``GatherBlockQuantized`` (8-bit, blocks of
-    ``block_size``).
+    ``block_size``). A tied lm_head (its MatMul weight is the embedding transposed, traced as a second
+    initializer) quantized as ``"nbits"`` at 8 bits shares one quantized table with the embedding: the table is
+    stored once, in MatMulNBits' layout, which GatherBlockQuantized reads as [vocab, blocks, block] (see
+    ``_tied_head``).
     """
     import numpy as np
     import onnx
@@ -104,23 +107,37 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
-    kpack = 8 // bits
     new_nodes, added = [], []
     counts = {"nbits": 0, "dynamic": 0, "float": 0, "embedding": 0}
+    tied = _tied_head(graph, inits, src.parent, choose, block_size) if embedding and bits == 8 and symmetric else None
+    if tied is not None:
+        table = tied.pop("table")
+        packed, scales, _ = _pack(packers[bits], np.ascontiguousarray(table.T), bits, block_size, symmetric)
+        del table
+        added += [numpy_helper.from_array(packed, tied["data"]),
+                  numpy_helper.from_array(scales, tied["scales"]),
+                  numpy_helper.from_array(np.array([*scales.shape, 1], dtype=np.int64), tied["scales"] + "_3d"),
+                  numpy_helper.from_array(np.array([packed.shape[1] * block_size], dtype=np.int64),
+                                          tied["data"] + "_hidden")]
+        del packed
     for node in graph.node:
         w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if tied is not None and node.name == tied["matmul"]:
+            rows, cols = (int(d) for d in w.dims)
+            new_nodes.append(helper.make_node(
+                "MatMulNBits", [node.input[0], tied["data"], tied["scales"]], list(node.output),
+                name=f"{node.name}_Q", domain="com.microsoft", K=rows, N=cols, bits=bits, block_size=block_size,
+                **({"accuracy_level": accuracy_level} if accuracy_level else {})))
+            uses[w.name] -= 1
+            counts["nbits"] += 1
+            continue
         if w is not None and len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT:
             how = choose(node.name)
             weight = load_tensor(w, src.parent).astype(np.float32)
             rows, cols = weight.shape  # K, N
             name = f"{node.name or w.name}_Q"
             if how == "nbits":
-                k_blocks = -(-rows // block_size)
-                weight = np.ascontiguousarray(np.pad(weight, ((0, k_blocks * block_size - rows), (0, 0))))
-                packed = np.zeros((cols, k_blocks, -(-block_size // kpack)), dtype=np.uint8)
-                zero = np.zeros((cols, -(-k_blocks // kpack)), dtype=np.uint8)
-                scales = np.zeros((cols, k_blocks), dtype=np.float32)
-                packers[bits](packed, weight, scales, zero, block_size, cols, rows, symmetric)
+                packed, scales, zero = _pack(packers[bits], weight, bits, block_size, symmetric)
                 ins = [node.input[0], f"{w.name}_Q{bits}", f"{w.name}_scales"]
                 added += [numpy_helper.from_array(packed, ins[1]),
                           numpy_helper.from_array(scales.reshape(-1), ins[2])]
@@ -147,6 +164,11 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
                 continue
             uses[w.name] -= 1
             counts[how] += 1
+            continue
+        if tied is not None and node.name == tied["gather"]:
+            new_nodes += _shared_gather(helper, node, tied, block_size)
+            uses[node.input[0]] -= 1
+            counts["embedding"] += 1
             continue
         e = inits.get(node.input[0]) if node.op_type == "Gather" and embedding else None
         if (e is not None and len(e.dims) == 2 and e.data_type == onnx.TensorProto.FLOAT
@@ -179,7 +201,68 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
     return {"nbits": {"bits": bits, "block_size": block_size, "symmetric": symmetric,
                       "accuracy_level": accuracy_level, "matmuls": counts["nbits"]},
             "dynamic": {"weight_bits": dynamic_bits, "per_channel": True, "matmuls": counts["dynamic"]},
-            "float_matmuls": counts["float"], "quantized_embeddings": counts["embedding"]}
+            "float_matmuls": counts["float"], "quantized_embeddings": counts["embedding"],
+            "shared_tied_head": tied is not None}
+
+
+def _pack(packer, weight, bits: int, block_size: int, symmetric: bool):
+    """onnxruntime's MatMulNBits packing of a K x N float weight: (packed [N, blocks, block bytes] uint8,
+    scales [N, blocks] float32, zero points)."""
+    import numpy as np
+
+    rows, cols = weight.shape
+    kpack = 8 // bits
+    k_blocks = -(-rows // block_size)
+    weight = np.ascontiguousarray(np.pad(weight, ((0, k_blocks * block_size - rows), (0, 0))))
+    packed = np.zeros((cols, k_blocks, -(-block_size // kpack)), dtype=np.uint8)
+    zero = np.zeros((cols, -(-k_blocks // kpack)), dtype=np.uint8)
+    scales = np.zeros((cols, k_blocks), dtype=np.float32)
+    packer(packed, weight, scales, zero, block_size, cols, rows, symmetric)
+    return packed, scales, zero
+
+
+def _tied_head(graph, inits: dict, base: Path, choose, block_size: int) -> dict | None:
+    """The embedding Gather and the lm_head MatMul of a tied model, if the MatMul's weight is the embedding
+    table transposed (compared element by element, not guessed from the shapes) and ``choose`` quantizes it as
+    ``"nbits"``; with the table (float32) and the names of the shared initializers. None otherwise, and for a
+    hidden size that is not a whole number of blocks (GatherBlockQuantized needs whole blocks)."""
+    import numpy as np
+    import onnx
+
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
+               and not any(a.name == "axis" and a.i != 0 for a in n.attribute)]
+    for g in gathers:
+        e = inits[g.input[0]]
+        if len(e.dims) != 2 or e.data_type != onnx.TensorProto.FLOAT or e.dims[1] % block_size:
+            continue
+        heads = [n for n in graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits
+                 and list(inits[n.input[1]].dims) == [e.dims[1], e.dims[0]] and choose(n.name) == "nbits"]
+        if len(heads) != 1:
+            continue
+        table = load_tensor(e, base).astype(np.float32)
+        if not np.array_equal(load_tensor(inits[heads[0].input[1]], base).T, table):
+            continue
+        return {"gather": g.name, "matmul": heads[0].name, "table": table,
+                "data": f"{e.name}_Q8_shared", "scales": f"{e.name}_scales_shared"}
+    return None
+
+
+def _shared_gather(helper, node, tied: dict, block_size: int) -> list:
+    """The embedding lookup on the shared table: GatherBlockQuantized over [vocab, blocks, block] with the scales
+    reshaped to [vocab, blocks, 1], then the rows reshaped back to [..., hidden]."""
+    out, name = node.output[0], node.name or tied["data"]
+    ids = node.input[1]
+    return [
+        helper.make_node("Reshape", [tied["scales"], tied["scales"] + "_3d"], [f"{name}_scales3d"],
+                         name=f"{name}_scales3d"),
+        helper.make_node("GatherBlockQuantized", [tied["data"], ids, f"{name}_scales3d"], [f"{name}_blocks"],
+                         name=f"{name}_Q", domain="com.microsoft", bits=8, block_size=block_size, gather_axis=0,
+                         quantize_axis=2),
+        helper.make_node("Shape", [ids], [f"{name}_ids_shape"], name=f"{name}_ids_shape"),
+        helper.make_node("Concat", [f"{name}_ids_shape", tied["data"] + "_hidden"], [f"{name}_out_shape"],
+                         name=f"{name}_out_shape", axis=0),
+        helper.make_node("Reshape", [f"{name}_blocks", f"{name}_out_shape"], [out], name=f"{name}_rows"),
+    ]
 
 
 def quantize_dyn(src: Path, dst: Path, per_channel: bool = False, exclude: tuple[str, ...] = (),

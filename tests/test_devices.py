@@ -145,6 +145,31 @@ def test_profile_document(artifacts, fmt):
     json.dumps(doc)  # plain JSON
 
 
+def test_onnx_backend_keeps_no_prompt_logits(artifacts):
+    """Between runs the onnxruntime backend holds the next token's row only: a [prompt, vocab] array kept across
+    the next run was a second copy at the peak (+96 MiB per 512-token prefill of SmolLM2)."""
+    from edgeprune.devices import timing
+
+    backend = timing.OrtBackend(artifacts["onnx"] / "model.onnx", threads=1, providers=None)
+    backend.prefill(list(range(3, 40)))
+    assert backend._logits.ndim == 1 and backend._logits.base is None  # a copy, not a view of the full logits
+    first = backend.first_token()
+    assert 0 <= backend.step(first) < backend._logits.size
+    assert backend._logits.ndim == 1
+
+
+def test_memory_estimate_counts_a_shared_table_as_two():
+    """An int8 ONNX file whose tied head shares the embedding's table is smaller by one table; onnxruntime holds
+    about what it held for the two-table file, so the estimate is the same."""
+    shape = {"kv_heads": [3] * 30, "head_dim": 64, "hidden": 576, "heads": 9, "vocab": 49152}
+    table = 49152 * 576 * 1.125  # int8 bytes per weight with the block scales
+    two = profiler.estimate_memory_for("onnx", 180e6, shape, 512, 512, "int8")
+    one = profiler.estimate_memory_for("onnx", 180e6 - table, {**shape, "shared_head": True}, 512, 512, "int8")
+    assert one["expected_mb"] == pytest.approx(two["expected_mb"], abs=0.2)
+    fp32 = profiler.estimate_memory_for("onnx", 180e6, {**shape, "shared_head": True}, 512, 512, "fp32")
+    assert fp32 == profiler.estimate_memory_for("onnx", 180e6, shape, 512, 512, "fp32")  # int8 only
+
+
 def test_memory_budget_refusal(artifacts, tmp_path):
     start = time.perf_counter()
     p = cli("profile", str(artifacts["onnx"]), "--device", "cpu", "--memory-budget", "20", "--json",

@@ -185,8 +185,17 @@ def test_fp16_int8_and_optimizer_paths(tmp_path, tiny_exports):
                            int8_recipe=recipe)
         assert info["parity"]["passed"] and info["dtype"] == dtype and info["optimized"] is optimize
     assert info["parity"]["max_abs_logit_diff"] < 1e-4  # the optimized fp32 graph
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "int8-None" / "model.onnx")).graph.node}
+    int8 = onnx.load(str(tmp_path / "int8-None" / "model.onnx"))
+    ops = {n.op_type for n in int8.graph.node}
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "MatMul" in ops  # attention matmuls stay float
+    # the tied lm_head and the embedding read one quantized table: no [vocab, hidden]-sized tensor twice
+    vocab = json.loads((ck / "config.json").read_text())["vocab_size"]
+    tables = [t.name for t in int8.graph.initializer if t.dims and t.dims[0] == vocab and len(t.dims) >= 2
+              and t.data_type == onnx.TensorProto.UINT8]
+    assert len(tables) == 1, tables
+    gbq, = (n for n in int8.graph.node if n.op_type == "GatherBlockQuantized")
+    head, = (n for n in int8.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
+    assert gbq.input[0] == head.input[1] == tables[0]
     ops = {n.op_type for n in onnx.load(str(tmp_path / "int8-smooth-hybrid" / "model.onnx")).graph.node}
     assert {"MatMulNBits", "DynamicQuantizeMatMul"} <= ops
     again = check_onnx(tmp_path / "int8-None", ck, n_tokens=4)
