@@ -49,6 +49,7 @@ from edgeprune.export.onnx_trace import OPSET, trace_fp32
 from edgeprune.export.parity import describe
 
 from edgeprune.errors import EdgePruneError, first_line
+from edgeprune.heap import trim_heap
 
 ONNX_DTYPES = ("fp32", "fp16", "int8")
 COPY_FILES = ("config.json", "generation_config.json", "modeling_edgeprune.py")
@@ -122,6 +123,7 @@ def _export(src: Path, out: Path, dtype: str, optimize: bool, recipe: str, check
             tokenizer = lm.tokenizer
             del lm  # conversion and quantization read the graph's weights from disk, not from torch
             gc.collect()
+            trim_heap()  # the freed model's heap goes back to the OS before the graph's weights are read again
             if optimize:
                 info["optimizer"] = optimize_graph(current, work / "opt.onnx")
                 current = work / "opt.onnx"

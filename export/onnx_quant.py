@@ -110,10 +110,9 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
     new_nodes, added = [], []
     counts = {"nbits": 0, "dynamic": 0, "float": 0, "embedding": 0}
     tied = _tied_head(graph, inits, src.parent, choose, block_size) if embedding and bits == 8 and symmetric else None
-    if tied is not None:
-        table = tied.pop("table")
-        packed, scales, _ = _pack(packers[bits], np.ascontiguousarray(table.T), bits, block_size, symmetric)
-        del table
+    if tied is not None:  # the transposed copy replaces the table (one float copy in memory, not two)
+        packed, scales, _ = _pack(packers[bits], np.ascontiguousarray(tied.pop("table").T), bits, block_size,
+                                  symmetric)
         added += [numpy_helper.from_array(packed, tied["data"]),
                   numpy_helper.from_array(scales, tied["scales"]),
                   numpy_helper.from_array(np.array([*scales.shape, 1], dtype=np.int64), tied["scales"] + "_3d"),
@@ -133,7 +132,7 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
             continue
         if w is not None and len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT:
             how = choose(node.name)
-            weight = load_tensor(w, src.parent).astype(np.float32)
+            weight = np.asarray(load_tensor(w, src.parent), dtype=np.float32)  # no copy of a float32 map
             rows, cols = weight.shape  # K, N
             name = f"{node.name or w.name}_Q"
             if how == "nbits":
@@ -173,7 +172,7 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
         e = inits.get(node.input[0]) if node.op_type == "Gather" and embedding else None
         if (e is not None and len(e.dims) == 2 and e.data_type == onnx.TensorProto.FLOAT
                 and e.dims[1] % block_size == 0 and not any(a.name == "axis" and a.i != 0 for a in node.attribute)):
-            table = load_tensor(e, src.parent).astype(np.float32)
+            table = np.asarray(load_tensor(e, src.parent), dtype=np.float32)
             vocab, hidden = table.shape
             blocks = table.reshape(vocab, hidden // block_size, block_size)
             scale = np.abs(blocks).max(axis=-1) / 127.0
@@ -213,7 +212,9 @@ def _pack(packer, weight, bits: int, block_size: int, symmetric: bool):
     rows, cols = weight.shape
     kpack = 8 // bits
     k_blocks = -(-rows // block_size)
-    weight = np.ascontiguousarray(np.pad(weight, ((0, k_blocks * block_size - rows), (0, 0))))
+    if k_blocks * block_size != rows:  # np.pad copies even when it adds nothing
+        weight = np.pad(weight, ((0, k_blocks * block_size - rows), (0, 0)))
+    weight = np.ascontiguousarray(weight)
     packed = np.zeros((cols, k_blocks, -(-block_size // kpack)), dtype=np.uint8)
     zero = np.zeros((cols, -(-k_blocks // kpack)), dtype=np.uint8)
     scales = np.zeros((cols, k_blocks), dtype=np.float32)
@@ -239,8 +240,10 @@ def _tied_head(graph, inits: dict, base: Path, choose, block_size: int) -> dict 
                  and list(inits[n.input[1]].dims) == [e.dims[1], e.dims[0]] and choose(n.name) == "nbits"]
         if len(heads) != 1:
             continue
-        table = load_tensor(e, base).astype(np.float32)
-        if not np.array_equal(load_tensor(inits[heads[0].input[1]], base).T, table):
+        table = np.asarray(load_tensor(e, base), dtype=np.float32)
+        head = load_tensor(inits[heads[0].input[1]], base)
+        rows = 4096  # compared in slices: no full-size boolean temporary
+        if not all(np.array_equal(head[:, i:i + rows].T, table[i:i + rows]) for i in range(0, len(table), rows)):
             continue
         return {"gather": g.name, "matmul": heads[0].name, "table": table,
                 "data": f"{e.name}_Q8_shared", "scales": f"{e.name}_scales_shared"}

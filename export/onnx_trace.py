@@ -181,7 +181,7 @@ def trace_fp32(lm, path: Path) -> dict:
                 torch.onnx.export(wrapper, (ids, mask, pos, *past), str(scratch / MODEL_FILE), export_params=False,
                                   **export_kw)
                 proto = onnx.load(str(scratch / MODEL_FILE), load_external_data=False)
-                weights = attach_weights(proto, wrapper, path, len(in_names))
+                weights = attach_weights(proto, wrapper, path, len(in_names), lm.adapter.spec.norm_offset)
                 how = "graph traced without parameters, weights written tensor by tensor"
             except UnresolvedWeight:  # a graph input we cannot map: trace with the weights inside
                 torch.onnx.export(wrapper, (ids, mask, pos, *past), str(scratch / MODEL_FILE), **export_kw)

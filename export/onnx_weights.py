@@ -28,24 +28,64 @@ def _shape(value_info) -> list[int]:
     return [d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
-def _resolve(state: dict, root, name: str, consumers: list) -> object:
-    """The torch tensor a weight input stands for (a transposed view for a folded MatMul weight)."""
+def _module_path(node) -> str:
+    """The module a node is named after: ``/model/model/layers.0/self_attn/q_proj/MatMul`` ->
+    ``model.model.layers.0.self_attn.q_proj``."""
+    return node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
+
+
+def _readers(name: str, consumers: dict) -> list:
+    """(node, the input name it reads) for every node that reads ``name``, through Identity nodes: the exporter
+    feeds one input to several places through Identities when it deduplicated equal folded constants."""
+    out = []
+    for node in consumers.get(name, []):
+        if node.op_type == "Identity":
+            out += _readers(node.output[0], consumers)
+        else:
+            out.append((node, name))
+    return out
+
+
+def _candidate(root, node, read: str, norm_offset: float):
+    """The tensor ``node`` reading ``read`` stands for, or None: a folded ``W^T`` of the MatMul's module; with a
+    norm offset, the folded ``norm_offset + w`` of the 1-D weight of the Mul's module."""
+    import torch
+
+    try:
+        weight = root.get_submodule(_module_path(node)).weight
+    except AttributeError:
+        return None
+    if not isinstance(weight, torch.Tensor):
+        return None
+    if node.op_type == "MatMul" and node.input[1] == read and weight.dim() == 2:
+        return weight.t()
+    if node.op_type == "Mul" and norm_offset and weight.dim() == 1:
+        return weight.float() + norm_offset
+    return None
+
+
+def _resolve(state: dict, root, name: str, consumers: dict, norm_offset: float = 0.0) -> object:
+    """The torch tensor a weight input stands for: a state-dict entry by name; else what every node reading it
+    stands for (``_candidate``: a transposed MatMul weight; for a family whose norms compute
+    ``x * (norm_offset + w)``, Gemma's 1 + w, the folded norm weight), provided they all agree. A wrong guess
+    cannot publish: the shapes are checked here and the values by the export's parity check."""
+    import torch
+
     if name in state:
         return state[name]
-    matmuls = [n for n in consumers if n.op_type == "MatMul" and n.input[1] == name]
-    if matmuls and len(matmuls) == len(consumers):
-        paths = {m.name.strip("/").rsplit("/", 1)[0].replace("/", ".") for m in matmuls}
-        if len(paths) == 1:
-            try:
-                return root.get_submodule(paths.pop()).weight.t()
-            except AttributeError:
-                pass
+    readers = _readers(name, consumers)
+    found = [_candidate(root, node, read, norm_offset) for node, read in readers]
+    if found and all(t is not None for t in found):
+        first = found[0]
+        if all(t.shape == first.shape and (t is first or torch.equal(t, first)) for t in found[1:]):
+            return first
     raise UnresolvedWeight(name)
 
 
-def attach_weights(proto, root, path: Path, n_inputs: int) -> dict:
+def attach_weights(proto, root, path: Path, n_inputs: int, norm_offset: float = 0.0) -> dict:
     """Move graph inputs after the first ``n_inputs`` (the model's real inputs) into initializers whose data is
     written tensor by tensor from ``root`` (the traced torch module) to ``path.data``; save the graph to ``path``.
+    ``norm_offset``: the family's RMSNorm offset (``x * (norm_offset + w)``; see ``_resolve``).
     Returns {"weight_bytes", "tensors"}."""
     import numpy as np
     import onnx
@@ -61,7 +101,7 @@ def attach_weights(proto, root, path: Path, n_inputs: int) -> dict:
             consumers.setdefault(x, []).append(node)
     weights = list(graph.input[n_inputs:])
     state = dict(root.named_parameters(remove_duplicate=False)) | dict(root.named_buffers())
-    sources = {vi.name: _resolve(state, root, vi.name, consumers.get(vi.name, [])) for vi in weights}
+    sources = {vi.name: _resolve(state, root, vi.name, consumers, norm_offset) for vi in weights}
     offset = 0
     inits = []
     with open(data, "wb") as f, torch.no_grad():
@@ -74,7 +114,7 @@ def attach_weights(proto, root, path: Path, n_inputs: int) -> dict:
             pad = -offset % ALIGN
             f.write(b"\0" * pad)
             offset += pad
-            f.write(arr.tobytes())
+            f.write(memoryview(arr).cast("B"))  # no bytes copy of the tensor (tobytes made one)
             init = TensorProto(name=vi.name, data_type=vi.type.tensor_type.elem_type, dims=arr.shape,
                                data_location=TensorProto.EXTERNAL)
             for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(arr.nbytes))):
@@ -89,9 +129,26 @@ def attach_weights(proto, root, path: Path, n_inputs: int) -> dict:
 
 
 def load_tensor(tensor, base_dir: Path):
-    """One initializer as a numpy array, reading only its own bytes when it lives in external data."""
-    from onnx import numpy_helper
+    """One initializer as a numpy array, reading only its own bytes when it lives in external data: there a
+    read-only memory map of those bytes (onnx's reader holds the bytes and an array copy of them at once, 2x a
+    weight that can be 0.7 GB, the tied embedding of a 262k vocabulary); a proto-held tensor through onnx."""
+    import math
+    import sys
 
+    import numpy as np
+    from onnx import helper, numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    if uses_external_data(tensor) and sys.byteorder == "little":
+        info = {e.key: e.value for e in tensor.external_data}
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        shape = tuple(int(d) for d in tensor.dims)
+        location = info.get("location", "")
+        size = math.prod(shape) * dtype.itemsize
+        if (dtype.kind in "fiu" and location and Path(location).name == location
+                and int(info.get("length", size)) == size and size > 0):
+            return np.memmap(Path(base_dir) / location, dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
+                             shape=shape)
     return numpy_helper.to_array(tensor, base_dir=str(base_dir))
 
 
