@@ -230,13 +230,13 @@ def _tied_head(graph, inits: dict, base: Path, choose, block_size: int) -> dict 
     import numpy as np
     import onnx
 
-    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
-               and not any(a.name == "axis" and a.i != 0 for a in n.attribute)]
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.name and n.input[0] in inits
+               and not any(a.name == "axis" and a.i != 0 for a in n.attribute)]  # named: matched by name below
     for g in gathers:
         e = inits[g.input[0]]
         if len(e.dims) != 2 or e.data_type != onnx.TensorProto.FLOAT or e.dims[1] % block_size:
             continue
-        heads = [n for n in graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits
+        heads = [n for n in graph.node if n.op_type == "MatMul" and n.name and len(n.input) == 2 and n.input[1] in inits
                  and list(inits[n.input[1]].dims) == [e.dims[1], e.dims[0]] and choose(n.name) == "nbits"]
         if len(heads) != 1:
             continue
