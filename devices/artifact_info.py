@@ -71,8 +71,8 @@ def artifact_info(path: Path) -> dict:
 
 def model_shape(path: Path) -> dict:
     """Layers' KV heads, head size, hidden size, query heads, vocabulary and trained context of an artifact, from
-    the GGUF header (GGUF) or manifest.json / config.json (ONNX; also ``shared_head``: the tied lm_head reads the
-    embedding's int8 table). Missing values are None."""
+    the GGUF header (GGUF) or manifest.json / config.json (ONNX; also ``shared_head``: the file holds the tied
+    lm_head's table once). Missing values are None."""
     fmt, model = artifact_format(path)
     root = model.parent
     cfg = read_json(root / "config.json")
@@ -103,5 +103,6 @@ def model_shape(path: Path) -> dict:
             shape["hidden"] // shape["heads"] if shape["hidden"] and shape["heads"] else None)
         shape["context"] = cfg.get("max_position_embeddings")
         shape["vocab"] = man.get("vocab_size") or cfg.get("vocab_size")
-        shape["shared_head"] = bool((man.get("quantization") or {}).get("shared_tied_head"))
+        shape["shared_head"] = bool(man.get("shared_tied_head")
+                                    or (man.get("quantization") or {}).get("shared_tied_head"))
     return shape

@@ -58,12 +58,13 @@ def estimate_memory_for(fmt: str, model_bytes: float, shape: dict, n_ctx: int, m
         kv_bytes = 2 * sum(kv) * head_dim * n_ctx * 4
     rows = max_prompt if fmt == "onnx" else 1  # logits rows the runtime materialises
     act_bytes = rows * vocab * 4 * LOGITS_COPIES[fmt] + max_prompt * (hidden * 4 * 8 + heads * max_prompt * 4)
-    if fmt == "onnx" and dtype in PREPACK_FACTOR and shape.get("shared_head"):
-        # a tied head sharing the embedding's int8 table (export/onnx_quant.py) makes the file smaller, not the
-        # session: measured on SmolLM2-135M, within 15 MiB of the same model with two tables (onnxruntime keeps
-        # the shared table for the Gather and prepacks a copy for the MatMul, as it did with two), so the
-        # resident weights are those of the two-table file
-        model_bytes = model_bytes + vocab * hidden * ONNX_EMBEDDING_BYTES[dtype]
+    if fmt == "onnx" and shape.get("shared_head"):
+        # a tied head that shares the embedding's table in the file (export/onnx_weights.py, onnx_quant.py) makes
+        # the file smaller, not the session: onnxruntime folds the float graph's Transpose into a second table
+        # when it creates the session, and for int8 keeps the shared table for the Gather and prepacks a copy for
+        # the MatMul, as it did with two. Measured on SmolLM2-135M: fp32 the same RSS after load, int8 within
+        # 15 MiB. So the resident weights are those of the two-table file.
+        model_bytes = model_bytes + vocab * hidden * ONNX_EMBEDDING_BYTES.get(dtype or "fp32", 4.0)
     weights = model_bytes * WEIGHT_FACTOR[fmt]
     if fmt == "onnx" and dtype in PREPACK_FACTOR:
         matmul_bytes = max(model_bytes - vocab * hidden * ONNX_EMBEDDING_BYTES[dtype], 0)

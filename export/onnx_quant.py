@@ -119,49 +119,52 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
                   numpy_helper.from_array(np.array([packed.shape[1] * block_size], dtype=np.int64),
                                           tied["data"] + "_hidden")]
         del packed
+    flipped = _transposed_tables(graph, inits)
     for node in graph.node:
-        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        w, flip = _matmul_weight(node, inits, flipped)
         if tied is not None and node.name == tied["matmul"]:
-            rows, cols = (int(d) for d in w.dims)
+            cols, rows = tied["shape"]  # the table is [N, K]
+            uses[node.input[1]] -= 1
             new_nodes.append(helper.make_node(
                 "MatMulNBits", [node.input[0], tied["data"], tied["scales"]], list(node.output),
                 name=f"{node.name}_Q", domain="com.microsoft", K=rows, N=cols, bits=bits, block_size=block_size,
                 **({"accuracy_level": accuracy_level} if accuracy_level else {})))
-            uses[w.name] -= 1
             counts["nbits"] += 1
             continue
         if w is not None and len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT:
             how = choose(node.name)
-            weight = np.asarray(load_tensor(w, src.parent), dtype=np.float32)  # no copy of a float32 map
-            rows, cols = weight.shape  # K, N
-            name = f"{node.name or w.name}_Q"
+            if how not in ("nbits", "dynamic"):
+                new_nodes.append(node)
+                counts["float"] += 1
+                continue
+            stored = np.asarray(load_tensor(w, src.parent), dtype=np.float32)  # no copy of a float32 map
+            weight = stored.T if flip else stored  # K x N
+            rows, cols = weight.shape
+            key = f"{w.name}_T" if flip else w.name
+            name = f"{node.name or key}_Q"
             if how == "nbits":
                 packed, scales, zero = _pack(packers[bits], weight, bits, block_size, symmetric)
-                ins = [node.input[0], f"{w.name}_Q{bits}", f"{w.name}_scales"]
+                ins = [node.input[0], f"{key}_Q{bits}", f"{key}_scales"]
                 added += [numpy_helper.from_array(packed, ins[1]),
                           numpy_helper.from_array(scales.reshape(-1), ins[2])]
                 if not symmetric:
-                    ins.append(f"{w.name}_zero_points")
+                    ins.append(f"{key}_zero_points")
                     added.append(numpy_helper.from_array(zero.reshape(-1), ins[3]))
                 attrs = {"K": rows, "N": cols, "bits": bits, "block_size": block_size}
                 if accuracy_level:
                     attrs["accuracy_level"] = accuracy_level
                 new_nodes.append(helper.make_node("MatMulNBits", ins, list(node.output), name=name,
                                                   domain="com.microsoft", **attrs))
-            elif how == "dynamic":
+            else:
                 qmax = 2 ** (dynamic_bits - 1) - 1
                 scale = np.abs(weight).max(axis=0) / qmax
                 scale[scale == 0] = 1.0
                 q = np.clip(np.rint(weight / scale), -qmax, qmax).astype(np.int8)
-                ins = [node.input[0], f"{w.name}_int8", f"{w.name}_scale"]
+                ins = [node.input[0], f"{key}_int8", f"{key}_scale"]
                 added += [numpy_helper.from_array(q, ins[1]), numpy_helper.from_array(scale.astype(np.float32), ins[2])]
                 new_nodes.append(helper.make_node("DynamicQuantizeMatMul", ins, list(node.output), name=name,
                                                   domain="com.microsoft"))
-            else:
-                new_nodes.append(node)
-                counts["float"] += 1
-                continue
-            uses[w.name] -= 1
+            uses[node.input[1]] -= 1
             counts[how] += 1
             continue
         if tied is not None and node.name == tied["gather"]:
@@ -187,6 +190,13 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
             counts["embedding"] += 1
             continue
         new_nodes.append(node)
+    # a Transpose of a table that nothing reads any more (its MatMul was quantized from the table) goes too
+    dropped = {id(n) for n in new_nodes if n.op_type == "Transpose" and n.output[0] in flipped
+               and uses.get(n.output[0], 0) == 0}
+    for n in new_nodes:
+        if id(n) in dropped:
+            uses[n.input[0]] -= 1
+    new_nodes = [n for n in new_nodes if id(n) not in dropped]
     keep = [t for t in graph.initializer if uses.get(t.name, 0) > 0]
     for t in keep:  # the float tensors that stay (norms, biases, unquantized weights) move into the graph
         internalise(t, src.parent)
@@ -222,20 +232,57 @@ def _pack(packer, weight, bits: int, block_size: int, symmetric: bool):
     return packed, scales, zero
 
 
+def _transposed_tables(graph, inits: dict) -> dict:
+    """{output of a Transpose node (perm 1, 0) of a 2-D float initializer: that initializer}: a MatMul weight
+    written as its transpose's table (a tied lm_head, ``attach_weights``)."""
+    import onnx
+
+    return {n.output[0]: inits[n.input[0]] for n in graph.node
+            if n.op_type == "Transpose" and n.input and n.input[0] in inits
+            and [list(a.ints) for a in n.attribute if a.name == "perm"] == [[1, 0]]
+            and len(inits[n.input[0]].dims) == 2 and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT}
+
+
+def _matmul_weight(node, inits: dict, flipped: dict):
+    """(the initializer a MatMul's constant weight comes from, whether it is stored transposed) or (None, False)."""
+    if node.op_type != "MatMul" or len(node.input) != 2:
+        return None, False
+    if node.input[1] in inits:
+        return inits[node.input[1]], False
+    if node.input[1] in flipped:
+        return flipped[node.input[1]], True
+    return None, False
+
+
 def _tied_head(graph, inits: dict, base: Path, choose, block_size: int) -> dict | None:
-    """The embedding Gather and the lm_head MatMul of a tied model, if the MatMul's weight is the embedding
-    table transposed (compared element by element, not guessed from the shapes) and ``choose`` quantizes it as
-    ``"nbits"``; with the table (float32) and the names of the shared initializers. None otherwise, and for a
-    hidden size that is not a whole number of blocks (GatherBlockQuantized needs whole blocks)."""
+    """The embedding Gather and the lm_head MatMul of a tied model, if ``choose`` quantizes the MatMul as
+    ``"nbits"`` and its weight is the embedding table transposed: by a Transpose node of the table (the graph
+    ``attach_weights`` writes; also returned, it goes away) or as its own initializer (a full trace; compared
+    element by element, not guessed from the shapes). With the table (float32), its shape and the names of the
+    shared initializers. None otherwise, and for a hidden size that is not a whole number of blocks
+    (GatherBlockQuantized needs whole blocks)."""
     import numpy as np
     import onnx
 
     gathers = [n for n in graph.node if n.op_type == "Gather" and n.name and n.input[0] in inits
                and not any(a.name == "axis" and a.i != 0 for a in n.attribute)]  # named: matched by name below
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
     for g in gathers:
         e = inits[g.input[0]]
         if len(e.dims) != 2 or e.data_type != onnx.TensorProto.FLOAT or e.dims[1] % block_size:
             continue
+        found = {"gather": g.name, "shape": (int(e.dims[0]), int(e.dims[1])),
+                 "data": f"{e.name}_Q8_shared", "scales": f"{e.name}_scales_shared"}
+        for t in readers.get(e.name, []):
+            if (t.op_type == "Transpose" and t.name and [list(a.ints) for a in t.attribute if a.name == "perm"]
+                    == [[1, 0]] and len(heads := readers.get(t.output[0], [])) == 1
+                    and heads[0].op_type == "MatMul" and heads[0].name and heads[0].input[1] == t.output[0]
+                    and choose(heads[0].name) == "nbits"):
+                return {**found, "matmul": heads[0].name, "transpose": t.name,
+                        "table": np.asarray(load_tensor(e, base), dtype=np.float32)}
         heads = [n for n in graph.node if n.op_type == "MatMul" and n.name and len(n.input) == 2 and n.input[1] in inits
                  and list(inits[n.input[1]].dims) == [e.dims[1], e.dims[0]] and choose(n.name) == "nbits"]
         if len(heads) != 1:
@@ -245,8 +292,7 @@ def _tied_head(graph, inits: dict, base: Path, choose, block_size: int) -> dict 
         rows = 4096  # compared in slices: no full-size boolean temporary
         if not all(np.array_equal(head[:, i:i + rows].T, table[i:i + rows]) for i in range(0, len(table), rows)):
             continue
-        return {"gather": g.name, "matmul": heads[0].name, "table": table,
-                "data": f"{e.name}_Q8_shared", "scales": f"{e.name}_scales_shared"}
+        return {**found, "matmul": heads[0].name, "table": table}
     return None
 
 
@@ -271,8 +317,8 @@ def _shared_gather(helper, node, tied: dict, block_size: int) -> list:
 def quantize_dyn(src: Path, dst: Path, per_channel: bool = False, exclude: tuple[str, ...] = (),
                  reduce_range: bool = False) -> dict:
     """onnxruntime ``quantize_dynamic``: int8 weights (onnxruntime forces 7-bit range for MatMulInteger weights)
-    and uint8 activations quantized per tensor at run time. Only MatMuls with a constant weight; ``exclude``:
-    node-name substrings to leave in float."""
+    and uint8 activations quantized per tensor at run time. Only MatMuls with a constant weight (so a tied
+    lm_head, a Transpose of the embedding, stays float); ``exclude``: node-name substrings to leave in float."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -190,4 +190,4 @@ def trace_fp32(lm, path: Path) -> dict:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"kv_layers": kv_layers, "kv_heads": kv_heads, "head_dim": head_dim, "weights": how,
-            "weight_bytes": weights["weight_bytes"]}
+            "weight_bytes": weights["weight_bytes"], "shared_tied_head": weights.get("shared_tied_head", False)}

@@ -102,10 +102,13 @@ def attach_weights(proto, root, path: Path, n_inputs: int, norm_offset: float = 
     weights = list(graph.input[n_inputs:])
     state = dict(root.named_parameters(remove_duplicate=False)) | dict(root.named_buffers())
     sources = {vi.name: _resolve(state, root, vi.name, consumers, norm_offset) for vi in weights}
+    tied = _transposed_twins(weights, sources)
     offset = 0
     inits = []
     with open(data, "wb") as f, torch.no_grad():
         for vi in weights:
+            if vi.name in tied:
+                continue
             t = sources[vi.name]
             if list(t.shape) != _shape(vi):
                 raise UnresolvedWeight(f"{vi.name}: graph shape {_shape(vi)}, tensor {list(t.shape)}")
@@ -124,8 +127,30 @@ def attach_weights(proto, root, path: Path, n_inputs: int, norm_offset: float = 
             del arr
     del graph.input[n_inputs:]
     graph.initializer.extend(inits)
+    for i, (name, base) in enumerate(sorted(tied.items())):  # before every reader: the graph stays sorted
+        graph.node.insert(i, helper.make_node("Transpose", [base], [name], name=f"/tied_head/Transpose_{i}",
+                                              perm=[1, 0]))
     onnx.save_model(proto, str(path))
-    return {"weight_bytes": offset, "tensors": len(inits)}
+    return {"weight_bytes": offset, "tensors": len(inits), "shared_tied_head": bool(tied)}
+
+
+def _transposed_twins(weights: list, sources: dict) -> dict:
+    """{input: the input it is the transpose of}, for a folded ``W^T`` whose ``W`` is itself a weight input (same
+    storage: a tied lm_head is the embedding). Such an input is written once; a Transpose node makes the other
+    (onnxruntime folds it when the session is created), so the file holds the table once."""
+    whole = {}
+    for vi in weights:
+        t = sources[vi.name]
+        if t.dim() == 2 and t.is_contiguous():
+            whole.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), vi.name)
+    twins = {}
+    for vi in weights:
+        t = sources[vi.name]
+        if t.dim() == 2 and not t.is_contiguous() and t.stride() == (1, t.shape[0]):
+            base = whole.get((t.untyped_storage().data_ptr(), t.storage_offset(), (t.shape[1], t.shape[0])))
+            if base is not None and base != vi.name:
+                twins[vi.name] = base
+    return twins
 
 
 def load_tensor(tensor, base_dir: Path):

@@ -72,6 +72,14 @@ def test_tiny_export_parity(tiny_exports, name):
     manifest = json.loads((d / "manifest.json").read_text())
     assert manifest["kind"] == "onnx-export" and manifest["parity"]["passed"]
     assert not [f for f in d.parent.iterdir() if f.name.startswith(".")]  # no temp dirs left
+    # the tied lm_head is a Transpose of the embedding, not a second [vocab, hidden] table in the file
+    import onnx
+
+    graph = onnx.load(str(d / "model.onnx"), load_external_data=False).graph
+    vocab = json.loads((d / "config.json").read_text())["vocab_size"]
+    tables = [t.name for t in graph.initializer if vocab in t.dims]
+    assert manifest["shared_tied_head"] is True and len(tables) == 1, tables
+    assert any(n.op_type == "Transpose" and n.input[0] == tables[0] for n in graph.node)
 
 
 @pytest.mark.parametrize("name", ["llama", "pruned"])

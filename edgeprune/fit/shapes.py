@@ -68,7 +68,7 @@ class ModelShape:
         """The dict ``devices.profiler.model_shape`` reads from an artifact, for the same model."""
         return {"kv_heads": [L.kv_heads for L in self.layers], "head_dim": self.head_dim, "hidden": self.hidden,
                 "heads": self.heads, "vocab": self.vocab, "context": self.context,
-                "shared_head": self.tied}  # what an int8 ONNX export of it records (read for int8 only)
+                "shared_head": self.tied}  # what an ONNX export of it records (one table for a tied head)
 
     def params(self) -> dict:
         """Parameter counts by part (attention, mlp, norms, embeddings, lm_head)."""
@@ -225,8 +225,8 @@ def _onnx_parts(shape: ModelShape, dtype: str) -> dict:
                     + (4 * (L.heads + 2 * L.kv_heads) * d if shape.qkv_bias else 0))
         mlp.append(2 * mat(h, L.ffn) + mat(L.ffn, h) + 4 * h)
     graph = ONNX_LAYER_GRAPH_BYTES * len(shape.layers)
-    # the embedding, and the lm_head's own (transposed) copy unless int8 shares one table between them
-    tables = 1 if dtype == "int8" and shape.tied else 2
+    # the embedding, and the lm_head's own (transposed) table unless they are tied (then the file holds one)
+    tables = 1 if shape.tied else 2
     return {"fixed": mat(h, shape.vocab) * tables + 4 * h + graph, "attention": attn, "mlp": mlp}
 
 
@@ -238,9 +238,9 @@ def part_bytes(shape: ModelShape, fmt: str, dtype: str) -> dict:
     tokenizer), and per layer ``attention`` (q/k/v/o, input norm) and ``mlp`` (gate/up/down, post norm).
 
     GGUF as edgeprune's exporter writes it (matrices in ``dtype``, vectors f32, q4_k_m with llama.cpp's
-    per-tensor choices and fallbacks). ONNX: fp32/fp16 store a tied lm_head as its own (transposed)
-    initializer; int8 is MatMulNBits / GatherBlockQuantized, one byte per weight plus an fp32 scale per block of 32
-    along K, with one table for a tied embedding and lm_head."""
+    per-tensor choices and fallbacks). ONNX: one table for a tied embedding and lm_head (a Transpose node in
+    float, one int8 table read by both ops in int8); int8 is MatMulNBits / GatherBlockQuantized, one byte per
+    weight plus an fp32 scale per block of 32 along K."""
     if fmt == "gguf":
         return _gguf_parts(shape, GGUF_NAMES.get(dtype, dtype))
     if fmt == "onnx":
