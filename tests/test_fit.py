@@ -238,3 +238,21 @@ def test_fit_end_to_end_default_model(tmp_path):
     assert a["measured"]["memory_mb"] == pytest.approx(a["predicted_from_shapes"]["memory_mb"], rel=0.1)
     assert math.isfinite(a["measured"]["ppl"]) and a["measured"]["ppl_ratio"] > 1
     assert "size (MiB)" in p.stdout and "predicted" in p.stdout and "measured" in p.stdout
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_predicted_onnx_size_and_memory_check(tok_dir, tmp_path, dtype):
+    """ONNX: the predicted file size (one table for the tied embedding and head) is the exported file's, and the
+    predicted memory check is the profiler's own on that file."""
+    from edgeprune.devices import profiler
+
+    from edgeprune.fit.synthetic import build_artifact
+
+    shape = _deci()
+    art = build_artifact(shape, tok_dir, "onnx", dtype, tmp_path / "a")
+    actual = sum(f.stat().st_size for f in art.glob("model.onnx*"))
+    # within 5 %: a second float table would be 13 % of this file (the graph's nodes are the rest of the error)
+    assert abs(file_bytes(shape, "onnx", dtype) - actual) < 0.05 * actual
+    check = profiler.memory_check_for(art, SETTINGS["prompt_lengths"], SETTINGS["new_tokens"], None, None)
+    pred = predict_memory(shape, "onnx", dtype, SETTINGS)
+    assert pred["estimate_mb"] == pytest.approx(check["estimate_mb"], rel=0.02)
