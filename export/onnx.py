@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeprune.export.onnx_check import check_onnx, check_parity, onnx_dtype
+from edgeprune.export.onnx_check import check_onnx, check_parity, encode_prompts, onnx_dtype
 from edgeprune.export.onnx_files import DATA_FILE, MODEL_FILE, file_bytes, save_model
 from edgeprune.export.onnx_quant import (
     DEFAULT_INT8,
@@ -116,11 +116,15 @@ def _export(src: Path, out: Path, dtype: str, optimize: bool, recipe: str, check
             current = work / MODEL_FILE  # float32 graph, weights in model.onnx.data beside it
             if dtype == "int8" and recipe == "smooth-hybrid":  # in place: parity reloads the unsmoothed model
                 info["smoothing"] = smooth_model(lm)
+            # the tokenizer's part is done before the trace, which it would otherwise sit through (330 MiB for
+            # Gemma 3's 262k-token vocabulary)
+            _copy_side_files(lm.tokenizer, src, tmp)
+            encoded = encode_prompts(lm.tokenizer, prompts)
+            lm.tokenizer = None
             try:
                 info.update(trace_fp32(lm, current))
             except Exception as e:  # the tracer raises many types; report one line
                 raise EdgePruneError(f"ONNX export of {src} failed: {first_line(e)}") from None
-            tokenizer = lm.tokenizer
             del lm  # conversion and quantization read the graph's weights from disk, not from torch
             gc.collect()
             trim_heap()  # the freed model's heap goes back to the OS before the graph's weights are read again
@@ -144,9 +148,8 @@ def _export(src: Path, out: Path, dtype: str, optimize: bool, recipe: str, check
             shutil.rmtree(work, ignore_errors=True)
         info["external_data"] = (tmp / DATA_FILE).exists()
         info["size_bytes"] = file_bytes(tmp / MODEL_FILE)
-        _copy_side_files(tokenizer, src, tmp)
         if check:
-            result = check_parity(tmp, tokenizer, lambda: load(str(src)).model, prompts, n_tokens, dtype)
+            result = check_parity(tmp, encoded, lambda: load(str(src)).model, n_tokens, dtype)
             info["parity"] = result
             if not result["passed"]:
                 raise EdgePruneError(f"ONNX parity check failed ({dtype}): {describe(result)}")

@@ -59,7 +59,13 @@ def check_onnx(onnx_dir, checkpoint_dir, prompts=None, n_tokens: int = 16) -> di
     if not (src / "config.json").is_file():
         raise EdgePruneError(f"{checkpoint_dir} is not a model directory (no config.json)")
     lm = load(str(src))
-    return check_parity(onnx_dir, lm.tokenizer, lambda: lm.model, prompts, n_tokens, onnx_dtype(onnx_dir))
+    return check_parity(onnx_dir, encode_prompts(lm.tokenizer, prompts), lambda: lm.model, n_tokens,
+                        onnx_dtype(onnx_dir))
+
+
+def encode_prompts(tokenizer, prompts=None) -> list[list[int]]:
+    """The parity check's prompts (``DEFAULT_PROMPTS`` unless given) as token ids, special tokens included."""
+    return [list(tokenizer(p, add_special_tokens=True)["input_ids"]) or [0] for p in (prompts or DEFAULT_PROMPTS)]
 
 
 def onnx_dtype(onnx_dir) -> str:
@@ -104,16 +110,14 @@ def _ort_outputs(onnx_dir: Path, encoded: list, n_tokens: int) -> tuple[list, ob
     return runs, padded
 
 
-def check_parity(onnx_dir: Path, tokenizer, reference, prompts, n_tokens: int, dtype: str) -> dict:
-    """``check_onnx``'s comparison, for a tokenizer already loaded. ``reference``: a callable returning the PyTorch
-    model, called once onnxruntime's session is gone."""
+def check_parity(onnx_dir: Path, encoded: list[list[int]], reference, n_tokens: int, dtype: str) -> dict:
+    """``check_onnx``'s comparison, for prompts already encoded (``encode_prompts``). ``reference``: a callable
+    returning the PyTorch model, called once onnxruntime's session is gone."""
     import numpy as np
     import torch
 
     n_tokens = max(int(n_tokens), 1)
     tolerance = TOLERANCE[dtype]
-    prompts = list(prompts or DEFAULT_PROMPTS)
-    encoded = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) or [0] for p in prompts]
     runs, padded = _ort_outputs(onnx_dir, encoded, n_tokens)
     gc.collect()
     model = reference()
