@@ -5,9 +5,12 @@ torch model, the constant-folded (transposed) copy of every linear weight, the C
 were resident together (5.5x the float32 weights for SmolLM2-135M, see README "Export at scale"). The exporter can
 trace without parameters (``export_params=False``): the graph then takes every weight as a graph input, named
 either by its state-dict name (norms, embeddings, biases) or, for a constant-folded ``W^T`` that feeds a MatMul,
-``onnx::MatMul_N`` with the MatMul node named after the module (``/model/model/layers.0/self_attn/q_proj/MatMul``).
+``onnx::MatMul_N`` with the MatMul node named after the module (``/model/model/layers.0/self_attn/q_proj/MatMul``),
+or for a family whose norms compute ``x * (1 + w)`` (Gemma), ``onnx::Mul_N`` for the folded ``1 + w``.
 ``attach_weights`` resolves each such input to its torch tensor, writes the tensors in turn to ``<model>.data``
 and turns the inputs into external-data initializers, so besides the torch model only one tensor is in flight.
+A folded ``W^T`` whose ``W`` is itself a weight input (a tied lm_head) is not written again: a Transpose node of
+the table stands for it.
 
 It does not trace, quantize or decide the final single-file/external-data layout (export/onnx.py does), and
 raises ``UnresolvedWeight`` for a graph input it cannot map (the caller falls back to a full trace).
