@@ -17,6 +17,7 @@ def main(art: str) -> None:
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("ort_generate", root / "devices" / "ort_generate.py")
     ort_generate = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = ort_generate  # dataclasses look their module up while the class is built
     spec.loader.exec_module(ort_generate)
 
     prompt = "The capital of France is"
