@@ -66,7 +66,6 @@ class OrtBackend:
         return int(self._logits.argmax())
 
     def step(self, token: int) -> int:
-        self._logits = None
         logits, self._past = self.gen.forward(self.np.array([[token]], dtype=self.np.int64), past=self._past)
         self._logits = logits[0, -1].copy()
         return int(self._logits.argmax())

@@ -86,10 +86,11 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
     - ``None``: stays float.
 
     ``embedding``: the token embedding's Gather becomes ``GatherBlockQuantized`` (8-bit, blocks of
-    ``block_size``). A tied lm_head (its MatMul weight is the embedding transposed, traced as a second
-    initializer) quantized as ``"nbits"`` at 8 bits shares one quantized table with the embedding: the table is
-    stored once, in MatMulNBits' layout, which GatherBlockQuantized reads as [vocab, blocks, block] (see
-    ``_tied_head``).
+    ``block_size``). A tied lm_head (its MatMul weight is the embedding transposed: a Transpose node of the
+    table, or a second initializer after a full trace) quantized as ``"nbits"`` at 8 bits shares one quantized
+    table with the embedding: the table is stored once, in MatMulNBits' layout, which GatherBlockQuantized reads
+    as [vocab, blocks, block] (see ``_tied_head``). A MatMul reading a Transpose of a table that cannot be
+    shared is quantized from the transposed table.
     """
     import numpy as np
     import onnx
@@ -109,7 +110,9 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
             uses[name] = uses.get(name, 0) + 1
     new_nodes, added = [], []
     counts = {"nbits": 0, "dynamic": 0, "float": 0, "embedding": 0}
-    tied = _tied_head(graph, inits, src.parent, choose, block_size) if embedding and bits == 8 and symmetric else None
+    flipped = _transposed_tables(graph, inits)
+    tied = (_tied_head(graph, inits, flipped, src.parent, choose, block_size)
+            if embedding and bits == 8 and symmetric else None)
     if tied is not None:  # the transposed copy replaces the table (one float copy in memory, not two)
         packed, scales, _ = _pack(packers[bits], np.ascontiguousarray(tied.pop("table").T), bits, block_size,
                                   symmetric)
@@ -119,7 +122,6 @@ def quantize_weights(src: Path, dst: Path, choose, bits: int = 8, block_size: in
                   numpy_helper.from_array(np.array([packed.shape[1] * block_size], dtype=np.int64),
                                           tied["data"] + "_hidden")]
         del packed
-    flipped = _transposed_tables(graph, inits)
     for node in graph.node:
         w, flip = _matmul_weight(node, inits, flipped)
         if tied is not None and node.name == tied["matmul"]:
@@ -254,13 +256,13 @@ def _matmul_weight(node, inits: dict, flipped: dict):
     return None, False
 
 
-def _tied_head(graph, inits: dict, base: Path, choose, block_size: int) -> dict | None:
+def _tied_head(graph, inits: dict, flipped: dict, base: Path, choose, block_size: int) -> dict | None:
     """The embedding Gather and the lm_head MatMul of a tied model, if ``choose`` quantizes the MatMul as
-    ``"nbits"`` and its weight is the embedding table transposed: by a Transpose node of the table (the graph
-    ``attach_weights`` writes; also returned, it goes away) or as its own initializer (a full trace; compared
-    element by element, not guessed from the shapes). With the table (float32), its shape and the names of the
-    shared initializers. None otherwise, and for a hidden size that is not a whole number of blocks
-    (GatherBlockQuantized needs whole blocks)."""
+    ``"nbits"`` and its weight is the embedding table transposed: through a Transpose node of the table
+    (``flipped``, ``_transposed_tables``: the graph ``attach_weights`` writes; the Transpose goes once nothing
+    reads it) or as its own initializer (a full trace; compared element by element, not guessed from the
+    shapes). With the table (float32), its shape and the names of the shared initializers. None otherwise, and
+    for a hidden size that is not a whole number of blocks (GatherBlockQuantized needs whole blocks)."""
     import numpy as np
     import onnx
 
@@ -276,13 +278,10 @@ def _tied_head(graph, inits: dict, base: Path, choose, block_size: int) -> dict 
             continue
         found = {"gather": g.name, "shape": (int(e.dims[0]), int(e.dims[1])),
                  "data": f"{e.name}_Q8_shared", "scales": f"{e.name}_scales_shared"}
-        for t in readers.get(e.name, []):
-            if (t.op_type == "Transpose" and t.name and [list(a.ints) for a in t.attribute if a.name == "perm"]
-                    == [[1, 0]] and len(heads := readers.get(t.output[0], [])) == 1
-                    and heads[0].op_type == "MatMul" and heads[0].name and heads[0].input[1] == t.output[0]
-                    and choose(heads[0].name) == "nbits"):
-                return {**found, "matmul": heads[0].name, "transpose": t.name,
-                        "table": np.asarray(load_tensor(e, base), dtype=np.float32)}
+        for head in graph.node:
+            if (head.op_type == "MatMul" and head.name and len(head.input) == 2 and flipped.get(head.input[1]) is e
+                    and len(readers[head.input[1]]) == 1 and choose(head.name) == "nbits"):
+                return {**found, "matmul": head.name, "table": np.asarray(load_tensor(e, base), dtype=np.float32)}
         heads = [n for n in graph.node if n.op_type == "MatMul" and n.name and len(n.input) == 2 and n.input[1] in inits
                  and list(inits[n.input[1]].dims) == [e.dims[1], e.dims[0]] and choose(n.name) == "nbits"]
         if len(heads) != 1:
