@@ -2,7 +2,7 @@
 bench/results/fit.md (the table below) and bench/results/fit.png (PPL vs decode speed of every artifact measured,
 with the Pareto frontier), and prints the table.
 
-    python bench/fit.py                                   # the full recipe (two rounds, refit, 100 distillation steps)
+    python bench/fit.py [--data ../shared/data]           # the full recipe (two rounds, refit, 100 distillation steps)
     python bench/fit.py --set rounds=1 --set recover_steps=0   # a shorter recipe (say so when quoting it)
     python bench/fit.py --replot                          # table and plot again from bench/results/fit.json
 
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, save
+from common import ROOT, data_dir, save
 
 from edgeprune.errors import EdgePruneError
 
@@ -178,6 +178,8 @@ def main() -> None:
     ap.add_argument("--threads", default="1", help="runtime threads (1 on this shared 2-core machine)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="recipe override KEY=VALUE")
     ap.add_argument("--max-tokens", type=int, default=None, help="PPL tokens (default: the recipe's 8192)")
+    ap.add_argument("--data", help="WikiText-2 under DATA/wikitext-2 (default: $EDGEPRUNE_DATA or ../shared/data): "
+                    "valid calibrates, test is the PPL text")
     ap.add_argument("--work", default=str(ROOT / "out" / "bench-fit"))
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--replot", action="store_true", help="only rewrite the table and plot from fit.json")
@@ -191,6 +193,9 @@ def main() -> None:
         print(res["table"], f"plot: {plot(res)}", sep="\n")
         return
 
+    # the recipe's texts are 'auto': WikiText-2 under $EDGEPRUNE_DATA (never the built-in text, whose PPL is not
+    # comparable with the other tables)
+    os.environ["EDGEPRUNE_DATA"] = str(data_dir(args.data))
     from edgeprune.fit import run, search
     from edgeprune.fit.cli import recipe_overrides
 

@@ -448,8 +448,11 @@ def fit_section(f: dict, short: dict | None = None) -> list[str]:
             "`edgeprune fit` on this CPU with the default model (README, Fit): the targets are set from the dense q8_0 "
             "artifact measured at the start of the same run; each chosen configuration is pruned, exported, "
             "evaluated and profiled; the naive choice (one uniform ratio guessed from the bytes ratio) is pruned "
-            "with the same recipe and measured too. Predicted = from the shapes and dtype before pruning (speed "
-            "scaled by the dense artifact's measured / predicted speed of this run)." + (
+            "with the same recipe and measured too. Predicted = from the pruned checkpoint's layer shapes and the "
+            "dtype, before export (speed scaled by the dense artifact's measured / predicted speed of this run). The "
+            "search itself chose from predictions for uniform shapes at each ratio (LSPS then allocates unevenly); "
+            "where the pruned model's own shapes cost more than those, a measurement missed and fit stepped once "
+            "(rows marked stepped; each configuration's fit.json holds both predictions)." + (
                 " The run was stopped before its end (deadline): the rows below are the targets it finished."
                 if f.get("partial") else ""), "",
             f["table"].rstrip("\n"), "", "![measured PPL vs decode speed](bench/results/fit.png)", ""]

@@ -132,7 +132,8 @@ def test_search_picks_the_least_compression_that_meets_the_targets():
     t = search.Targets(min_decode_tok_s=1.2 * dense)
     c = search.choose(_cands(t), t)
     assert c.ratio > 0 and c.predicted["decode_tok_s"] >= 1.2 * dense
-    smaller = search.predict(BASE, round(c.ratio - 0.05, 2), "gguf", "q8_0", MODELS, {**SETTINGS,
+    assert search.RATIOS[1] == 0.01  # the grid's step
+    smaller = search.predict(BASE, round(c.ratio - 0.01, 2), "gguf", "q8_0", MODELS, {**SETTINGS,
                              "prompt_lengths": [512], "new_tokens": 64}, t)
     assert smaller.predicted["decode_tok_s"] < 1.2 * dense  # the next smaller ratio would miss
     # with q4_k_m allowed, the unpruned q4_k_m model is predicted faster and better than pruning q8_0 by 20%+
@@ -141,6 +142,33 @@ def test_search_picks_the_least_compression_that_meets_the_targets():
     # stepping after a miss goes to a more compressed configuration
     nxt = search.choose(_cands(t), t, after=c)
     assert nxt.ratio > c.ratio
+
+
+def test_step_after_a_miss_leaves_the_missed_configuration():
+    """A measured miss scales the search's predictions so that the missed configuration is predicted at what was
+    measured: the step goes to more compression, never to the same configuration predicted a little slower."""
+    from edgeprune.fit import run
+
+    dense = _cands(search.Targets())[0].predicted["decode_tok_s"]
+    t = search.Targets(min_decode_tok_s=1.2 * dense)
+    c = search.choose(_cands(t), t)
+    # measured just under the target; the pruned model's own shapes predicted slower than the search's
+    attempt = {"predicted": c.predicted, "predicted_from_shapes": {**c.predicted, "decode_tok_s":
+                                                                   0.995 * c.predicted["decode_tok_s"]},
+               "measured": {"decode_tok_s": 0.99 * t.min_decode_tok_s}}
+    k = run.corrections(attempt)["decode"]
+    assert k == pytest.approx(0.99 * t.min_decode_tok_s / c.predicted["decode_tok_s"])
+    again = search.candidates(BASE, "gguf", ("q8_0",), MODELS, {**SETTINGS, "prompt_lengths": [32, 128, 512],
+                                                                "new_tokens": 64}, t, scale={"decode:q8_0": k})
+    same = next(x for x in again if (x.ratio, x.dtype) == (c.ratio, c.dtype))
+    assert same.predicted["decode_tok_s"] == pytest.approx(0.99 * t.min_decode_tok_s, rel=1e-3)
+    nxt = search.choose(again, t, after=c)
+    assert nxt.ratio > c.ratio and nxt.predicted["decode_tok_s"] >= t.min_decode_tok_s
+    # even a candidate list that still predicts the missed configuration to meet never returns it
+    slower = [search.Candidate(x.ratio, x.fmt, x.dtype, {**x.predicted, "decode_tok_s": x.predicted["decode_tok_s"]
+                                                         - 1e-3}) for x in _cands(t)]
+    pick = search.choose(slower, t, after=c)
+    assert (pick.ratio, pick.dtype) != (c.ratio, c.dtype)
 
 
 def test_search_quality_and_memory_targets():
