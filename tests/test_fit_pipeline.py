@@ -94,15 +94,19 @@ def test_fit_stage_chooses_the_ratio(first):
 def test_rerun_and_changed_target(first, tiny):
     again = run_pipeline(load_config(_config(tiny, 0.7)), progress=False)
     assert set(again.statuses.values()) == {"cached"}
-    # a slightly different target with the same choice: fit recomputes (it reuses its pruned checkpoints), the
+    # a slightly different target with the same choice (between the chosen configuration's predicted and measured
+    # size and 0.7: the next smaller ratio misses both): fit recomputes (it reuses its pruned checkpoints), the
     # prune stage and everything after it stay cached
-    other = run_pipeline(load_config(_config(tiny, 0.69)), progress=False)
+    fit = first.results["fit"]
+    size = round((max(fit["final"]["predicted"]["size_mb"], fit["final"]["measured"]["size_mb"]) + 0.7) / 2, 4)
+    assert size < 0.7
+    other = run_pipeline(load_config(_config(tiny, size)), progress=False)
     assert other.results["fit"]["final"]["ratio"] == first.results["fit"]["final"]["ratio"]
     assert other.statuses["fit"] == "computed" and other.statuses["prune"] == "cached"
     assert other.statuses["eval-pruned"] == "cached" and other.statuses["report"] == "computed"
     md = (first.run_dir / "report" / "report.md").read_text()
     # the report (computed after cached stages) has the pruned model's rows and the new target
-    assert "artifact size ≤ 0.69 MiB" in md and f"| pruned {other.results['fit']['final']['ratio']:.0%} | GGUF fp32 |" in md
+    assert f"artifact size ≤ {size} MiB" in md and f"| pruned {other.results['fit']['final']['ratio']:.0%} | GGUF fp32 |" in md
 
 
 def test_unreachable_target_is_one_line_naming_the_config_key(tiny):
