@@ -7,6 +7,8 @@ request (``with sm.layer(i) as layer``), read tensor by tensor with safetensors'
 with accelerate's ``set_module_tensor_to_device``. Leaving the block returns the layer to ``meta``, so at most one
 layer's weights (plus what a pass holds) are resident. ``LayerShardWriter`` writes a checkpoint the same way: one
 safetensors shard per decoder layer as soon as it is pruned, the resident part, the index and the config last.
+A ``StreamedModel`` also fixes glibc's malloc thresholds for the process (``edgeprune.heap.bound_heap``), so the
+passes' freed temporaries leave the process instead of growing the heap.
 
 The passes that use it live in ``edgeprune.stream_prune``. This module does not score or cut anything, does not
 read GGUF files (a GGUF model streams from its safetensors cache, see ``source_dir``) and does not run whole-model
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 from edgeprune.errors import EdgePruneError
-from edgeprune.heap import trim_heap
+from edgeprune.heap import bound_heap, trim_heap
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -103,6 +105,7 @@ class StreamedModel:
         if dtype not in DTYPES:
             raise EdgePruneError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
         quiet_transformers()
+        bound_heap()  # streaming is the memory-first mode: a pass's freed temporaries must not stay resident
         self.path = Path(path)
         self.dtype = DTYPES[dtype]
         self.files = tensor_files(self.path)
