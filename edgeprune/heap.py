@@ -36,15 +36,11 @@ def bound_heap(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
     and reallocates (on a 0.5B model's streamed scoring ~50 MiB of a 440 MiB peak). A fixed threshold keeps the
     peak near what is live, for page faults on each large temporary (streamed scoring took ~20 % longer).
     Process-wide and idempotent; True where it took effect (glibc)."""
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):  # not glibc
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:  # not glibc
         return False
     # the trim threshold too: glibc doubled it with every raise of the mmap threshold (up to 64 MiB), and a freed
     # heap top below it is never given back
-    if mallopt is None:
-        return False
     return mallopt(M_MMAP_THRESHOLD, threshold) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_FACTOR * threshold) == 1
 
 

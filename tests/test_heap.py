@@ -20,7 +20,9 @@ def rss():
 if sys.argv[1] == "bound":
     assert bound_heap()
 before = rss()
-big = torch.empty(16 * 2**20, dtype=torch.uint8).fill_(1)  # freed: glibc raises its mmap threshold to 16 MiB
+# mapped (larger than any free heap chunk the imports leave: 16 MiB sometimes came from one) and, once freed, glibc
+# raises its mmap threshold to 30 MiB (the largest it raises it to is 32 MiB)
+big = torch.empty(30 * 2**20, dtype=torch.uint8).fill_(1)
 del big
 held = []
 for _ in range(8):  # 8 x 4 MiB temporaries: below the raised threshold they come from the heap, and once freed
