@@ -23,7 +23,7 @@ def trim_heap() -> None:
 
 
 # measured on a 0.5B model's streamed scoring (peak above the imports, its first 4 layers; README "Scale"): glibc's
-# dynamic threshold 436-444 MiB, fixed 8 MiB 413-416, 4 MiB 426-430, 2 MiB 384-409, 1 MiB 384-389, 512 KiB 381-389
+# dynamic threshold 436-444 MiB, fixed 8 MiB 413-416, 4 MiB 426-430, 2 MiB 384-411, 1 MiB 384-389, 512 KiB 381-389
 HEAP_MMAP_THRESHOLD = 2**20
 TRIM_FACTOR = 2  # the heap-top trim threshold, x the mmap threshold: glibc's own ratio of the two
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc's malloc.h)
@@ -34,7 +34,7 @@ def bound_heap(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
     glibc raises its mmap threshold (up to 32 MiB) each time such a block is freed, so a pass's later tensors of
     a few MiB come from the heap, where freed blocks fragment it and the peak RSS grows by what the pass frees
     and reallocates (on a 0.5B model's streamed scoring ~50 MiB of a 440 MiB peak). A fixed threshold keeps the
-    peak near what is live, for page faults on each large temporary (streamed scoring took ~20 % longer).
+    peak near what is live, for page faults on each large temporary (streamed scoring took ~25 % longer).
     Process-wide and idempotent; True where it took effect (glibc)."""
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:  # not glibc
