@@ -42,8 +42,11 @@ def _left(mode: str) -> float:
 
 @glibc
 def test_bound_heap_returns_freed_temporaries():
-    assert _left("dynamic") > 16  # the reference: glibc keeps them in the heap (this is what the test guards)
-    assert _left("bound") < 4
+    # 32 MiB of temporaries were freed in each; both processes also keep a few MiB that torch's first kernels
+    # take (1.4 MiB in one venv, 5.1 in another), so compare the two
+    dynamic, bound = _left("dynamic"), _left("bound")
+    assert dynamic - bound > 24  # glibc's default keeps them in the heap (the reference: what the test guards)
+    assert bound < 16  # the fixed threshold gives them back
 
 
 def test_streaming_bounds_the_heap(tmp_path, monkeypatch):
