@@ -17,8 +17,8 @@ def trim_heap() -> None:
     """Hand the memory freed by a pass back to the OS (glibc's ``malloc_trim``; nothing elsewhere). glibc keeps
     freed heap blocks below its (adaptive, up to 32 MiB) mmap threshold, and a pass's temporaries are such
     blocks, so without this the process's resident size creeps up by what earlier passes left behind."""
-    trim = _malloc_trim()
-    if trim is not None:
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:  # glibc
         trim(0)
 
 
@@ -42,15 +42,6 @@ def bound_heap(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
     # the trim threshold too: glibc doubled it with every raise of the mmap threshold (up to 64 MiB), and a freed
     # heap top below it is never given back
     return mallopt(M_MMAP_THRESHOLD, threshold) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_FACTOR * threshold) == 1
-
-
-@functools.cache
-def _malloc_trim():
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc
-        return None
 
 
 def storage_ranges(module) -> list[tuple[int, int]]:
@@ -124,6 +115,7 @@ def _file_maps() -> list[tuple[int, int]]:
 
 @functools.cache
 def _libc():
+    """The C library (None where it cannot be loaded); its glibc-only functions are looked up by the callers."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name, use_errno=True) if name else None

@@ -1,6 +1,7 @@
 """edgeprune.heap.bound_heap: a freed temporary of a few MiB leaves the process, even after glibc has raised its
-mmap threshold (which streaming's passes trigger all the time). Each case runs in its own process: the setting is
-process-wide and the heap's history decides the outcome."""
+mmap threshold (which streaming's passes trigger all the time; that StreamedModel calls it is tested in
+tests/test_streaming.py). Each case runs in its own process: the setting is process-wide and the heap's history
+decides the outcome."""
 
 import ctypes.util
 import platform
@@ -48,15 +49,3 @@ def test_bound_heap_returns_freed_temporaries():
     assert dynamic - bound > 24  # glibc's default keeps them in the heap (the reference: what the test guards)
     assert bound < 16  # the fixed threshold gives them back
 
-
-def test_streaming_bounds_the_heap(tmp_path, monkeypatch):
-    import edgeprune.streaming as streaming
-    from edgeprune.models.tiny import build_tiny
-
-    lm = build_tiny("llama")
-    lm.model.save_pretrained(tmp_path)
-    lm.tokenizer.save_pretrained(tmp_path)
-    calls = []
-    monkeypatch.setattr(streaming, "bound_heap", lambda: calls.append(1))
-    streaming.StreamedModel(tmp_path)
-    assert calls == [1]

@@ -24,6 +24,17 @@ def _saved(tmp_path, family="llama", shard="60KB"):
     return lm, tmp_path / "src"
 
 
+def test_streaming_bounds_the_heap(tmp_path, monkeypatch):
+    """A StreamedModel fixes glibc's malloc thresholds (the mechanism: tests/test_heap.py)."""
+    import edgeprune.streaming as streaming
+
+    _, src = _saved(tmp_path)
+    calls = []
+    monkeypatch.setattr(streaming, "bound_heap", lambda: calls.append(1))
+    streaming.StreamedModel(src)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_streamed_scores_equal_in_memory(tmp_path, calib, family):
     from edgeprune.data import calibration_batches
