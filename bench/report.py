@@ -272,7 +272,9 @@ def ablation_section(a: dict) -> list[str]:
         lines += [_method_row(m, ratios, cell) for m in members]
         lines += ["", "Lowest PPL per ratio in this table in bold.", ""] + _target_lines(group, dense, ratios, old)
         if _recovered(rows, members[0]):
-            lines += _missing_recovery(rows, groups["Without retraining"], 0.2)
+            for r in ratios:
+                if any(x["ratio"] == r for x in group.values()):
+                    lines += _missing_recovery(rows, groups["Without retraining"], r)
     lines += _zeroshot_tasks(rows, dense, limit, 0.2, boolq_note=model == "default")
     _plot_ppl({m: [(r, rows[f"{m}@{r:g}"]["ppl"]) for r in ratios if f"{m}@{r:g}" in rows] for m in methods},
               ROOT / "bench" / f"{stem}.png", dense["ppl"] if dense else None, f"Ablation on {label}",
@@ -416,16 +418,24 @@ def profile_section(p: dict) -> list[str]:
 
 def _plot_ppl(series: dict[str, list[tuple[float, float]]], path, dense: float | None, title: str,
               size=(6, 4), legend_size=8, bold: str | None = None, dotted: str | None = None) -> None:
-    """PPL (log) vs % of decoder parameters removed, one line per series, the dense PPL as a dashed line."""
+    """PPL (log) vs % of decoder parameters removed, one line per series, the dense PPL as a dashed line. A
+    ``dotted`` series (``"<method> + <dotted>"``) takes its method's colour, so the two read as one method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def method(name: str) -> str:
+        return name.split(f" + {dotted}")[0] if dotted else name
+
+    methods = list(dict.fromkeys(method(n) for n in series))
+    tab20 = plt.get_cmap("tab20").colors
+    colours = tab20[0::2] + tab20[1::2]  # the ten strong shades first: up to 20 methods stay apart
     fig, ax = plt.subplots(figsize=size)
     for name, pts in series.items():
         if pts:
             ax.plot([100 * r for r, _ in pts], [p for _, p in pts], marker="o", label=name,
+                    color=colours[methods.index(method(name)) % len(colours)],
                     linewidth=2.5 if bold and name.startswith(bold) else 1.5,
                     linestyle=":" if dotted and dotted in name else "-")
     if dense:

@@ -52,6 +52,24 @@ def test_other_model_section(monkeypatch):
     assert "BoolQ is a yes/no task" not in text
 
 
+def test_missing_recovery_per_ratio(monkeypatch):
+    """The recovered table names, at each ratio it has rows for, the methods that were not distilled there."""
+    monkeypatch.setattr(report, "_plot_ppl", lambda *a, **k: None)
+    rows = {"dense@0": {"method": "dense", "ratio": 0, "ppl": 30.0, "params": 268e6, "decode_tok_s": 9.0}}
+    for method, ratio, ppl in [("PIEM+LSPS one-shot", 0.2, 40.0), ("taylor+uniform (LLM-Pruner)", 0.2, 41.0),
+                               ("PIEM+LSPS one-shot", 0.3, 50.0), ("taylor+uniform (LLM-Pruner)", 0.3, 52.0),
+                               ("PIEM+LSPS one-shot + distillation", 0.2, 35.0),
+                               ("taylor+uniform (LLM-Pruner) + distillation", 0.2, 36.0),
+                               ("taylor+uniform (LLM-Pruner) + distillation", 0.3, 45.0)]:
+        recovery = {"seconds": 600.0, "tokens": 51200, "config": {"steps": 100, "batch_size": 4, "lr": 0.002,
+                                                                   "lr_rule": "rms"}} if "distillation" in method else None
+        rows[f"{method}@{ratio:g}"] = dict(_row(method, ppl, [1]), ratio=ratio, recovery=recovery)
+    text = "\n".join(report.ablation_section({"tokens": 8192, "model": "gemma3-270m", "rows": rows}))
+    missing = [x for x in text.splitlines() if x.startswith("Not distilled")]
+    assert missing == ["Not distilled at 30% (CPU time): PIEM+LSPS one-shot; the comparison above covers the "
+                       "recovered rows only."]
+
+
 def test_pipeline_runs_section_is_the_runs_report_table():
     """bench/pipeline_runs.py's runs render as the report's own table, with the not-exported note and the loads."""
     gguf = {"variant": "pruned", "format": "gguf", "dtype": "q8_0", "skipped": "cannot export this checkpoint"}
