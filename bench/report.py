@@ -272,9 +272,8 @@ def ablation_section(a: dict) -> list[str]:
         lines += [_method_row(m, ratios, cell) for m in members]
         lines += ["", "Lowest PPL per ratio in this table in bold.", ""] + _target_lines(group, dense, ratios, old)
         if _recovered(rows, members[0]):
-            for r in ratios:
-                if any(x["ratio"] == r for x in group.values()):
-                    lines += _missing_recovery(rows, groups["Without retraining"], r)
+            for r in best:  # the ratios this table has rows at
+                lines += _missing_recovery(rows, groups["Without retraining"], r)
     lines += _zeroshot_tasks(rows, dense, limit, 0.2, boolq_note=model == "default")
     _plot_ppl({m: [(r, rows[f"{m}@{r:g}"]["ppl"]) for r in ratios if f"{m}@{r:g}" in rows] for m in methods},
               ROOT / "bench" / f"{stem}.png", dense["ppl"] if dense else None, f"Ablation on {label}",
